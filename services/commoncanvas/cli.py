@@ -1,0 +1,122 @@
+"""`commoncanvas`: the command line for people, pods and the local runner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from commoncanvas.specs.common import SpecError
+
+
+def _echo_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=None, sort_keys=False))
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """CommonCanvas: CC-licensed images -> captions -> a text-to-image model."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+def run(file: Path, no_progress: bool) -> None:
+    """Run the custom resources in FILE on this machine and print a JSON summary per resource."""
+    from commoncanvas.runner import UnitsFailed, run_file
+
+    try:
+        for summary in run_file(file, show_progress=not no_progress):
+            _echo_json(summary)
+    except (SpecError, UnitsFailed, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def scrape() -> None:
+    """The ScrapeJob stage, step by step."""
+
+
+@scrape.command("plan")
+@click.option("--metadata", "metadata", required=True, help="YFCC100M TSV (plain/bz2/gz) or SQLite; path or s3://")
+@click.option("--output", required=True, help="Directory (or s3:// prefix) for the plan")
+@click.option("--unit-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--allow", multiple=True, help="License code to keep (repeatable); default: all allowing derivatives")
+def scrape_plan(metadata: str, output: str, unit_size: int, allow: tuple[str, ...]) -> None:
+    """Plan a scrape: prints one JSON object with counts per split and exclusions by reason."""
+    from pydantic import ValidationError
+
+    from commoncanvas.metadata import MetadataError
+    from commoncanvas.scrape.plan import write_plan
+    from commoncanvas.specs.common import format_validation_error
+    from commoncanvas.specs.scrape import ScrapeJobSpec
+    from commoncanvas.storage import open_storage
+
+    body: dict[str, object] = {"source": {"uri": metadata}, "output": {"uri": output}, "unitSize": unit_size}
+    if allow:
+        body["licenses"] = {"allow": list(allow)}
+    try:
+        spec = ScrapeJobSpec.model_validate(body)
+        _echo_json(write_plan(spec, open_storage(output)).to_dict())
+    except ValidationError as exc:
+        raise click.ClickException(format_validation_error(exc, "the options")) from None
+    except MetadataError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _load_one(file: Path, kind: str):  # type: ignore[no-untyped-def]
+    from commoncanvas.specs import KINDS, load_resources
+
+    found = [r for r in load_resources(file, KINDS) if r.kind == kind]
+    if len(found) != 1:
+        raise click.ClickException(f"{file} must hold exactly one {kind}, found {len(found)}")
+    return found[0]
+
+
+@scrape.command("unit")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--unit", type=int, default=None, help="Unit index (default: $JOB_COMPLETION_INDEX)")
+@click.option("--metrics-port", type=int, default=lambda: int(os.environ.get("METRICS_PORT", "0")))
+def scrape_unit(file: Path, unit: int | None, metrics_port: int) -> None:
+    """Run one work unit of the ScrapeJob in FILE (what a pod of the Indexed Job runs)."""
+    from commoncanvas import metrics
+    from commoncanvas.scrape.worker import run_unit
+
+    if unit is None:
+        if "JOB_COMPLETION_INDEX" not in os.environ:
+            raise click.ClickException("give --unit N or set JOB_COMPLETION_INDEX")
+        unit = int(os.environ["JOB_COMPLETION_INDEX"])
+    metrics.serve(metrics_port)
+    stats = run_unit(_load_one(file, "ScrapeJob").spec, unit)
+    _echo_json({k: v for k, v in stats.items() if k != "failures"})
+
+
+@scrape.command("finalize")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def scrape_finalize(file: Path) -> None:
+    """Merge the finished units' indexes and print the job summary."""
+    from commoncanvas.scrape.worker import finalize
+
+    _echo_json(finalize(_load_one(file, "ScrapeJob").spec))
+
+
+@main.command()
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests/crds"),
+              show_default=True)
+def crds(output: Path) -> None:
+    """Write the CustomResourceDefinitions generated from the spec models."""
+    from commoncanvas.crd import write_crds
+
+    for path in write_crds(output):
+        click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

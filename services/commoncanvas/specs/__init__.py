@@ -1,0 +1,11 @@
+"""The custom resources as pydantic models: one source for the local runner, the workers, the CRDs."""
+
+from commoncanvas.specs.common import GROUP, VERSION, Condition, ObjectMeta, Phase, load_resources
+from commoncanvas.specs.scrape import ScrapeJob, ScrapeJobSpec, ScrapeJobStatus
+
+KINDS = {"ScrapeJob": ScrapeJob}
+
+__all__ = [
+    "GROUP", "KINDS", "VERSION", "Condition", "ObjectMeta", "Phase", "ScrapeJob", "ScrapeJobSpec",
+    "ScrapeJobStatus", "load_resources",
+]

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Builds the test cluster's Go binaries into CACHE_DIR/bin, once per pinned version.
+# Each tool is its own Go module (tests/cluster/tools/NAME/go.mod) so that their dependency graphs
+# never meet in one MVS resolution. A tool is rebuilt only when its go.mod, go.sum or recipe changes.
+#
+# usage: build.sh CACHE_DIR [TOOL...]     (default: every tool)
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+  echo "usage: $0 CACHE_DIR [TOOL...]" >&2
+  exit 2
+fi
+cache_dir=$(realpath -m "$1")
+shift
+tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+bin_dir=$cache_dir/bin
+mkdir -p "$bin_dir"
+
+export GOMODCACHE=$cache_dir/go/mod
+export GOCACHE=$cache_dir/go/build
+export GOFLAGS=-modcacherw
+export GOTOOLCHAIN=local
+# Static binaries: no C toolchain needed, and one cgo setting keeps the shared build cache warm.
+export CGO_ENABLED=0
+
+# Versions stamped into the Kubernetes binaries, as the upstream release build does; without them
+# they report v0.0.0-master and version checks (kubectl skew, helm kubeVersion) misbehave.
+kubernetes_ldflags() {
+  local version major minor pkg flags=""
+  version=$(cd "$tools_dir/kubernetes" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
+  major=${version#v}
+  major=${major%%.*}
+  minor=${version#v*.}
+  minor=${minor%%.*}
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "-s -w$flags"
+}
+
+# recipe NAME -> "binary=package ..." ; the recipe text is part of the stamp key.
+recipe() {
+  case $1 in
+    minio) echo "minio=github.com/minio/minio" ;;
+    kubernetes)
+      echo "kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver" \
+        "kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager" \
+        "kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler" \
+        "kubectl=k8s.io/kubernetes/cmd/kubectl" ;;
+    kwok) echo "kwok=sigs.k8s.io/kwok/cmd/kwok" ;;
+    etcd) echo "etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3" ;;
+    helm) echo "helm=helm.sh/helm/v3/cmd/helm" ;;
+    prometheus)
+      echo "prometheus=github.com/prometheus/prometheus/cmd/prometheus" \
+        "promtool=github.com/prometheus/prometheus/cmd/promtool" ;;
+    *) echo "unknown tool: $1" >&2; return 1 ;;
+  esac
+}
+
+all_tools=(kubernetes etcd kwok minio helm prometheus)
+if [[ $# -gt 0 ]]; then
+  selected=("$@")
+else
+  selected=("${all_tools[@]}")
+fi
+
+build_tool() {
+  local name=$1 module_dir=$tools_dir/$1 entries key stamp entry binary pkg ldflags="-s -w" started
+  entries=$(recipe "$name")
+  key=$(cat "$module_dir/go.mod" "$module_dir/go.sum" <(echo "$entries v2") | sha256sum | cut -c1-16)
+  stamp=$bin_dir/.$name.$key
+  local missing=0
+  for entry in $entries; do
+    [[ -x $bin_dir/${entry%%=*} ]] || missing=1
+  done
+  if [[ -e $stamp && $missing == 0 ]]; then
+    echo "cluster-tools: $name up to date"
+    return 0
+  fi
+  if [[ $name == kubernetes ]]; then
+    ldflags=$(kubernetes_ldflags)
+  fi
+  started=$SECONDS
+  echo "cluster-tools: building $name ..."
+  rm -f "$bin_dir/.$name".*
+  for entry in $entries; do
+    binary=${entry%%=*}
+    pkg=${entry#*=}
+    (cd "$module_dir" && go build -trimpath -ldflags "$ldflags" -o "$bin_dir/$binary.tmp" "$pkg")
+    mv -f "$bin_dir/$binary.tmp" "$bin_dir/$binary"
+  done
+  touch "$stamp"
+  echo "cluster-tools: built $name in $((SECONDS - started)) s"
+}
+
+for tool in "${selected[@]}"; do
+  build_tool "$tool"
+done
