@@ -26,6 +26,14 @@ def local_processes(parallelism: int) -> int:
     return max(1, min(parallelism, os.cpu_count() or 1))
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Fork workers from a clean server that imported the stage workers once (torch and friends take
+    seconds to import): no inherited boto3 clients or event loops, and no import cost per run."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["commoncanvas.scrape.worker"])
+    return context
+
+
 def run_scrape(job: ScrapeJob, show_progress: bool = True) -> dict[str, Any]:
     spec = job.spec
     layout = scrape_worker.ScrapeLayout.of(spec)
@@ -37,8 +45,7 @@ def run_scrape(job: ScrapeJob, show_progress: bool = True) -> dict[str, Any]:
                TextColumn("units  {task.fields[images]} images"), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not show_progress) as progress:
         task = progress.add_task("units", total=plan["units"], completed=len(done), images=0)
-        context = multiprocessing.get_context("spawn")  # no inherited boto3 clients or event loops
-        with ProcessPoolExecutor(local_processes(spec.parallelism), mp_context=context) as pool:
+        with ProcessPoolExecutor(local_processes(spec.parallelism), mp_context=worker_context()) as pool:
             pending: dict[Future[dict[str, Any]], int] = {
                 pool.submit(scrape_worker.run_unit, spec, u): u for u in todo}
             images = 0

@@ -25,11 +25,13 @@ class LocalHTTPServer:
     """Serves files under `root` (or an in-memory dict), plus any extra `routes` given as handlers."""
 
     def __init__(self, root: Path | None = None, files: dict[str, bytes] | None = None,
-                 routes: dict[str, Handler] | None = None, latency: float = 0.0) -> None:
+                 routes: dict[str, Handler] | None = None, latency: float = 0.0,
+                 on_request: Callable[[str], None] | None = None) -> None:
         self.root = root
         self.files = files or {}
         self.routes = routes or {}
         self.latency = latency
+        self.on_request = on_request
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.requests: list[str] = []
@@ -39,6 +41,8 @@ class LocalHTTPServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path)
+        if self.on_request is not None:
+            self.on_request(request.path)
         if self.latency:
             await asyncio.sleep(self.latency)
         if request.path in self.routes:

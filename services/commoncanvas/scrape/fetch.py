@@ -138,7 +138,8 @@ class Fetcher:
         base = self.policy.backoff_seconds * (2 ** (state.attempt_number - 1))
         return base + random.uniform(0, base)  # full jitter on top of the exponential step
 
-    async def _get(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, str]:
+    async def _get(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, str, str]:
+        """Body, content type and the final URL after redirects."""
         host = urlsplit(url).netloc
         limiter = self._limiter(host)
         if limiter is not None:
@@ -160,7 +161,7 @@ class Fetcher:
                     body += chunk
                     if len(body) > self.policy.max_bytes:
                         raise FetchFailure("too-large", f"over {self.policy.max_bytes} bytes")
-                return bytes(body), response.headers.get("Content-Type", "")
+                return bytes(body), response.headers.get("Content-Type", ""), str(response.url)
         except aiohttp.ClientPayloadError as exc:
             raise RetryableFailure("truncated", f"{url}: {exc}") from None
         except TimeoutError:
@@ -172,7 +173,7 @@ class Fetcher:
         finally:
             metrics.FETCH_SECONDS.labels(host=host).observe(time.perf_counter() - started)
 
-    async def _fetch_url(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, ValidImage, int]:
+    async def _fetch_url(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, ValidImage, str, int]:
         attempts = 0
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.policy.retries + 1), wait=self._wait,
@@ -180,23 +181,24 @@ class Fetcher:
         async for attempt in retrying:
             with attempt:
                 attempts += 1
-                data, content_type = await self._get(session, url)
+                data, content_type, final_url = await self._get(session, url)
         image = await asyncio.to_thread(validate_image, data, content_type, self.filters)
-        return data, image, attempts
+        return data, image, final_url, attempts
 
     async def fetch_one(self, session: aiohttp.ClientSession, sample: PlannedSample) -> FetchResult:
         failures: list[FetchFailure] = []
         for url in sample.candidates:
             try:
-                data, image, attempts = await self._fetch_url(session, url)
+                data, image, final_url, attempts = await self._fetch_url(session, url)
             except FetchFailure as exc:
                 failures.append(exc)
                 continue
             digest = hashlib.sha256(data).hexdigest()
             if digest in self._seen:
-                return FetchResult(sample, "duplicate", url, sha256=digest, attempts=attempts)
+                return FetchResult(sample, "duplicate", final_url, sha256=digest, attempts=attempts)
             self._seen.add(digest)
-            return FetchResult(sample, "ok", url, data, image.width, image.height, digest, attempts=attempts)
+            return FetchResult(sample, "ok", final_url, data, image.width, image.height, digest,
+                               attempts=attempts)
         # The first candidate's reason is the informative one (the original); all are in the detail.
         detail = "; ".join(str(f) for f in failures)
         return FetchResult(sample, failures[0].reason if failures else "no-candidate-url", detail=detail)

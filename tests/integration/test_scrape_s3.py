@@ -1,0 +1,155 @@
+"""ScrapeJob end to end against real servers: the sample over HTTP, shards into a real MinIO."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from commoncanvas import storage, units
+from commoncanvas.licenses import BY_CODE
+from commoncanvas.runner import UnitsFailed, run_scrape
+from commoncanvas.sample import Sample, build_sample, url_templates
+from commoncanvas.sample.server import LocalHTTPServer
+from commoncanvas.scrape.worker import ScrapeLayout, ensure_plan
+from commoncanvas.specs import ScrapeJob
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def s3_env(minio: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    env = {**minio.env(), "COMMONCANVAS_S3_MAX_ATTEMPTS": "2", "COMMONCANVAS_S3_CONNECT_TIMEOUT": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    storage.s3_client.cache_clear()
+    yield env
+    storage.s3_client.cache_clear()
+
+
+@pytest.fixture
+def served_sample(tmp_path: Path) -> Iterator[tuple[Sample, LocalHTTPServer]]:
+    www = tmp_path / "sample"
+    www.mkdir()
+    with LocalHTTPServer(root=www / "www", latency=0.05) as server:
+        yield build_sample(www, server.base_url), server
+
+
+def make_job(sample: Sample, server: LocalHTTPServer, output: str, **fetch: Any) -> ScrapeJob:
+    return ScrapeJob.model_validate({
+        "metadata": {"name": "test-scrape"},
+        "spec": {"source": {"uri": str(sample.metadata)}, "output": {"uri": output},
+                 "fetch": {**url_templates(server.base_url), "retries": 1, "backoffSeconds": 0.05, **fetch},
+                 "unitSize": 6, "parallelism": 2},
+    })
+
+
+def read_split(uri: str, cache: Path) -> list[dict[str, Any]]:
+    from streaming import StreamingDataset
+
+    dataset = StreamingDataset(remote=uri, local=str(cache), shuffle=False, batch_size=1)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def expected_ids(sample: Sample, split: str) -> set[int]:
+    return {row.photo_id for row in sample.expected(split)}
+
+
+def assert_catalog_exactly_once(sample: Sample, output: str, cache: Path) -> None:
+    for split in ("commercial", "noncommercial"):
+        rows = read_split(f"{output}/{split}", cache / split)
+        ids = [int(r["photo_id"]) for r in rows]
+        assert len(ids) == len(set(ids)), f"{split}: a sample was written twice"
+        assert set(ids) == expected_ids(sample, split), f"{split}: samples lost or foreign ones present"
+        by_id = {row.photo_id: row for row in sample.rows}
+        for record in rows:
+            row = by_id[int(record["photo_id"])]
+            assert record["license_code"] == row.license_code
+            assert record["license_url"] == BY_CODE[record["license_code"]].url
+            assert BY_CODE[record["license_code"]].derivatives, "a NoDerivs image entered the catalog"
+            assert record["author"] == row.author and record["page_url"].endswith(f"/photos/{row.photo_id}/")
+            assert record["sha256"] == hashlib.sha256(record["image"]).hexdigest()
+            assert record["image"] == (row.original or row.sized), "the original bytes must be kept"
+
+
+def test_scrapejob_writes_c_and_nc_catalogs_to_minio(
+        minio: Any, s3_env: dict[str, str], served_sample: tuple[Sample, LocalHTTPServer], tmp_path: Path) -> None:
+    sample, server = served_sample
+    minio.make_bucket("catalog")
+    output = "s3://catalog/run-1"
+    summary = run_scrape(make_job(sample, server, output), show_progress=False)
+    assert summary["samples"] == {"commercial": len(expected_ids(sample, "commercial")),
+                                  "noncommercial": len(expected_ids(sample, "noncommercial"))}
+    for row in sample.rows:
+        if row.expect not in ("commercial", "noncommercial"):
+            assert summary["excluded"].get(row.expect, 0) >= 1, f"{row.expect} not reported"
+    assert_catalog_exactly_once(sample, output, tmp_path / "read")
+
+
+def test_killed_worker_then_rerun_gives_every_sample_exactly_once(
+        minio: Any, s3_env: dict[str, str], served_sample: tuple[Sample, LocalHTTPServer], tmp_path: Path) -> None:
+    sample, server = served_sample
+    minio.make_bucket("killed")
+    output = "s3://killed/run"
+    job = make_job(sample, server, output, concurrency=1)
+    layout = ScrapeLayout.of(job.spec)
+    ensure_plan(job.spec, layout)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job.model_dump(by_alias=True, exclude_none=True)))
+    # Debris of an earlier attempt that died while uploading: the rerun must not keep it.
+    layout.output.write_bytes(f"{units.unit_dir('commercial', 0)}/shard.00000.mds", b"stale partial shard")
+
+    before = len(server.requests)
+    worker = subprocess.Popen([sys.executable, "-m", "commoncanvas.cli", "scrape", "unit", str(job_file),
+                               "--unit", "0"], env={**os.environ, **s3_env})
+    deadline = time.monotonic() + 120
+    while len(server.requests) < before + 3 and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert worker.returncode == -signal.SIGKILL, "the worker finished before it could be killed"
+    assert not units.is_done(layout.output, 0), "a killed unit must not have a marker"
+
+    run_scrape(job, show_progress=False)
+    assert_catalog_exactly_once(sample, output, tmp_path / "read")
+    rerun = run_scrape(job, show_progress=False)  # everything done: nothing fetched again
+    assert rerun["samples"]["commercial"] == len(expected_ids(sample, "commercial"))
+
+
+def test_s3_outage_mid_run_fails_units_clearly_and_a_rerun_completes(
+        minio: Any, s3_env: dict[str, str], tmp_path: Path) -> None:
+    www = tmp_path / "sample"
+    www.mkdir()
+    outage = threading.Event()
+
+    def stop_s3_after_some_fetches(path: str) -> None:
+        if len(server.requests) == 4 and not outage.is_set():
+            outage.set()
+            minio.stop()  # S3 goes away while units are fetching: their uploads must fail
+
+    with LocalHTTPServer(root=www / "www", latency=0.05, on_request=stop_s3_after_some_fetches) as server:
+        sample = build_sample(www, server.base_url)
+        minio.make_bucket("outage")
+        output = "s3://outage/run"
+        job = make_job(sample, server, output, concurrency=1)
+        try:
+            with pytest.raises(UnitsFailed) as failure:
+                run_scrape(job, show_progress=False)
+        finally:
+            minio.start()
+        assert outage.is_set()
+        message = str(failure.value)
+        assert "rerun" in message and minio.endpoint_url in message, message
+        storage.s3_client.cache_clear()
+        run_scrape(job, show_progress=False)
+    assert_catalog_exactly_once(sample, output, tmp_path / "read")
