@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,8 +22,11 @@ def _echo_json(data: object) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """CommonCanvas: CC-licensed images -> captions -> a text-to-image model."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @main.command()
@@ -45,10 +49,14 @@ def scrape() -> None:
 
 
 @scrape.command("plan")
-@click.option("--metadata", "metadata", required=True, help="YFCC100M TSV (plain/bz2/gz) or SQLite; path or s3://")
+@click.option(
+    "--metadata", "metadata", required=True, help="YFCC100M TSV (plain/bz2/gz) or SQLite; path or s3://"
+)
 @click.option("--output", required=True, help="Directory (or s3:// prefix) for the plan")
 @click.option("--unit-size", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--allow", multiple=True, help="License code to keep (repeatable); default: all allowing derivatives")
+@click.option(
+    "--allow", multiple=True, help="License code to keep (repeatable); default: all allowing derivatives"
+)
 def scrape_plan(metadata: str, output: str, unit_size: int, allow: tuple[str, ...]) -> None:
     """Plan a scrape: prints one JSON object with counts per split and exclusions by reason."""
     from pydantic import ValidationError
@@ -71,7 +79,7 @@ def scrape_plan(metadata: str, output: str, unit_size: int, allow: tuple[str, ..
         raise click.ClickException(str(exc)) from None
 
 
-def _load_one(file: Path, kind: str):  # type: ignore[no-untyped-def]
+def _load_one(file: Path, kind: str) -> Any:
     from commoncanvas.specs import KINDS, load_resources
 
     found = [r for r in load_resources(file, KINDS) if r.kind == kind]
@@ -108,8 +116,12 @@ def scrape_finalize(file: Path) -> None:
 
 
 @main.command()
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests/crds"),
-              show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("manifests/crds"),
+    show_default=True,
+)
 def crds(output: Path) -> None:
     """Write the CustomResourceDefinitions generated from the spec models."""
     from commoncanvas.crd import write_crds

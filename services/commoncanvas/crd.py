@@ -27,11 +27,20 @@ class KindInfo:
 
 
 KIND_INFO: dict[str, KindInfo] = {
-    "ScrapeJob": KindInfo(ScrapeJob, "scrapejobs", ("sj",), (
-        {"name": "Commercial", "type": "integer", "jsonPath": ".status.samples.commercial"},
-        {"name": "NonCommercial", "type": "integer", "jsonPath": ".status.samples.noncommercial",
-         "priority": 1},
-    )),
+    "ScrapeJob": KindInfo(
+        ScrapeJob,
+        "scrapejobs",
+        ("sj",),
+        (
+            {"name": "Commercial", "type": "integer", "jsonPath": ".status.samples.commercial"},
+            {
+                "name": "NonCommercial",
+                "type": "integer",
+                "jsonPath": ".status.samples.noncommercial",
+                "priority": 1,
+            },
+        ),
+    ),
 }
 
 
@@ -100,16 +109,25 @@ def build_crd(kind: str) -> dict[str, Any]:
         "metadata": {"name": f"{info.plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "names": {"kind": kind, "listKind": f"{kind}List", "plural": info.plural,
-                      "singular": kind.lower(), "shortNames": list(info.short_names),
-                      "categories": ["commoncanvas"]},
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": info.plural,
+                "singular": kind.lower(),
+                "shortNames": list(info.short_names),
+                "categories": ["commoncanvas"],
+            },
             "scope": "Namespaced",
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": openapi_schema(info.model)},
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": columns,
-            }],
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": openapi_schema(info.model)},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                }
+            ],
         },
     }
 

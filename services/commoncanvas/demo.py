@@ -21,11 +21,15 @@ console = Console()
 
 def scrape_job(name: str, metadata: Path, output: Path, base_url: str) -> dict[str, object]:
     return {
-        "apiVersion": "commoncanvas.dev/v1alpha1", "kind": "ScrapeJob", "metadata": {"name": name},
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "ScrapeJob",
+        "metadata": {"name": name},
         "spec": {
-            "source": {"uri": str(metadata)}, "output": {"uri": str(output)},
+            "source": {"uri": str(metadata)},
+            "output": {"uri": str(output)},
             "fetch": {**url_templates(base_url), "concurrency": 16, "retries": 1, "backoffSeconds": 0.1},
-            "unitSize": 8, "parallelism": 2,
+            "unitSize": 8,
+            "parallelism": 2,
         },
     }
 
@@ -45,8 +49,11 @@ def main(out: Path = Path("demo-output")) -> None:
     with LocalHTTPServer(root=www / "www") as server:
         sample = build_sample(www, server.base_url)
         job_file = out / "scrapejob.yaml"
-        job_file.write_text(yaml.safe_dump(scrape_job("demo-scrape", sample.metadata, out / "catalog",
-                                                      server.base_url), sort_keys=False))
+        job_file.write_text(
+            yaml.safe_dump(
+                scrape_job("demo-scrape", sample.metadata, out / "catalog", server.base_url), sort_keys=False
+            )
+        )
         console.print(f"[bold]1/1 ScrapeJob[/] {job_file} (sample served at {server.base_url})")
         (summary,) = run_file(job_file)
     table = Table(title="Catalog (ScrapeJob demo-scrape)")

@@ -31,26 +31,106 @@ class License:
 
 LICENSES: tuple[License, ...] = (
     License(0, "all-rights-reserved", "All Rights Reserved", "", False, False, True, False),
-    License(1, "cc-by-nc-sa", "Attribution-NonCommercial-ShareAlike License",
-            "https://creativecommons.org/licenses/by-nc-sa/2.0/", False, True, True, True),
-    License(2, "cc-by-nc", "Attribution-NonCommercial License",
-            "https://creativecommons.org/licenses/by-nc/2.0/", False, True, True, False),
-    License(3, "cc-by-nc-nd", "Attribution-NonCommercial-NoDerivs License",
-            "https://creativecommons.org/licenses/by-nc-nd/2.0/", False, False, True, False),
-    License(4, "cc-by", "Attribution License",
-            "https://creativecommons.org/licenses/by/2.0/", True, True, True, False),
-    License(5, "cc-by-sa", "Attribution-ShareAlike License",
-            "https://creativecommons.org/licenses/by-sa/2.0/", True, True, True, True),
-    License(6, "cc-by-nd", "Attribution-NoDerivs License",
-            "https://creativecommons.org/licenses/by-nd/2.0/", True, False, True, False),
-    License(7, "no-known-copyright", "No known copyright restrictions",
-            "https://www.flickr.com/commons/usage/", True, True, False, False),
-    License(8, "us-government-work", "United States Government Work",
-            "http://www.usa.gov/copyright.shtml", True, True, False, False),
-    License(9, "cc0", "Public Domain Dedication (CC0)",
-            "https://creativecommons.org/publicdomain/zero/1.0/", True, True, False, False),
-    License(10, "public-domain-mark", "Public Domain Mark",
-            "https://creativecommons.org/publicdomain/mark/1.0/", True, True, False, False),
+    License(
+        1,
+        "cc-by-nc-sa",
+        "Attribution-NonCommercial-ShareAlike License",
+        "https://creativecommons.org/licenses/by-nc-sa/2.0/",
+        False,
+        True,
+        True,
+        True,
+    ),
+    License(
+        2,
+        "cc-by-nc",
+        "Attribution-NonCommercial License",
+        "https://creativecommons.org/licenses/by-nc/2.0/",
+        False,
+        True,
+        True,
+        False,
+    ),
+    License(
+        3,
+        "cc-by-nc-nd",
+        "Attribution-NonCommercial-NoDerivs License",
+        "https://creativecommons.org/licenses/by-nc-nd/2.0/",
+        False,
+        False,
+        True,
+        False,
+    ),
+    License(
+        4,
+        "cc-by",
+        "Attribution License",
+        "https://creativecommons.org/licenses/by/2.0/",
+        True,
+        True,
+        True,
+        False,
+    ),
+    License(
+        5,
+        "cc-by-sa",
+        "Attribution-ShareAlike License",
+        "https://creativecommons.org/licenses/by-sa/2.0/",
+        True,
+        True,
+        True,
+        True,
+    ),
+    License(
+        6,
+        "cc-by-nd",
+        "Attribution-NoDerivs License",
+        "https://creativecommons.org/licenses/by-nd/2.0/",
+        True,
+        False,
+        True,
+        False,
+    ),
+    License(
+        7,
+        "no-known-copyright",
+        "No known copyright restrictions",
+        "https://www.flickr.com/commons/usage/",
+        True,
+        True,
+        False,
+        False,
+    ),
+    License(
+        8,
+        "us-government-work",
+        "United States Government Work",
+        "http://www.usa.gov/copyright.shtml",
+        True,
+        True,
+        False,
+        False,
+    ),
+    License(
+        9,
+        "cc0",
+        "Public Domain Dedication (CC0)",
+        "https://creativecommons.org/publicdomain/zero/1.0/",
+        True,
+        True,
+        False,
+        False,
+    ),
+    License(
+        10,
+        "public-domain-mark",
+        "Public Domain Mark",
+        "https://creativecommons.org/publicdomain/mark/1.0/",
+        True,
+        True,
+        False,
+        False,
+    ),
 )
 
 BY_CODE: dict[str, License] = {lic.code: lic for lic in LICENSES}
@@ -143,8 +223,9 @@ class LicenseDecision:
 def resolve_license(name: str, url: str) -> License | str:
     """The license a metadata row states, or why none can be trusted. Never guesses:
     everything stated must be recognised, and name and URL must agree."""
-    stated = [parse(value) for value, parse in ((url, license_from_url), (name, license_from_name))
-              if value.strip()]
+    stated = [
+        parse(value) for value, parse in ((url, license_from_url), (name, license_from_name)) if value.strip()
+    ]
     if not stated:
         return "license-missing"
     if None in stated:

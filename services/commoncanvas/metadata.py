@@ -17,21 +17,56 @@ from urllib.parse import unquote_plus
 # The 2014 release's columns, in order.  The later release prepends line number and photo id and puts
 # the photo hash between id and NSID, i.e. 25 columns.
 FIELDS_2014 = (
-    "photo_id", "user_nsid", "user_nickname", "date_taken", "date_uploaded", "capture_device", "title",
-    "description", "user_tags", "machine_tags", "longitude", "latitude", "accuracy", "page_url",
-    "download_url", "license_name", "license_url", "server", "farm", "secret", "secret_original",
-    "extension", "marker",
+    "photo_id",
+    "user_nsid",
+    "user_nickname",
+    "date_taken",
+    "date_uploaded",
+    "capture_device",
+    "title",
+    "description",
+    "user_tags",
+    "machine_tags",
+    "longitude",
+    "latitude",
+    "accuracy",
+    "page_url",
+    "download_url",
+    "license_name",
+    "license_url",
+    "server",
+    "farm",
+    "secret",
+    "secret_original",
+    "extension",
+    "marker",
 )
 FIELDS_LATER = ("line_number", "photo_id", "photo_hash", *FIELDS_2014[1:])
 # Column names of the SQLite release's `yfcc100m_dataset` table.
 SQLITE_COLUMNS = {
-    "photoid": "photo_id", "uid": "user_nsid", "unickname": "user_nickname", "datetaken": "date_taken",
-    "dateuploaded": "date_uploaded", "capturedevice": "capture_device", "title": "title",
-    "description": "description", "usertags": "user_tags", "machinetags": "machine_tags",
-    "longitude": "longitude", "latitude": "latitude", "accuracy": "accuracy", "pageurl": "page_url",
-    "downloadurl": "download_url", "licensename": "license_name", "licenseurl": "license_url",
-    "serverid": "server", "farmid": "farm", "secret": "secret", "secretoriginal": "secret_original",
-    "ext": "extension", "marker": "marker",
+    "photoid": "photo_id",
+    "uid": "user_nsid",
+    "unickname": "user_nickname",
+    "datetaken": "date_taken",
+    "dateuploaded": "date_uploaded",
+    "capturedevice": "capture_device",
+    "title": "title",
+    "description": "description",
+    "usertags": "user_tags",
+    "machinetags": "machine_tags",
+    "longitude": "longitude",
+    "latitude": "latitude",
+    "accuracy": "accuracy",
+    "pageurl": "page_url",
+    "downloadurl": "download_url",
+    "licensename": "license_name",
+    "licenseurl": "license_url",
+    "serverid": "server",
+    "farmid": "farm",
+    "secret": "secret",
+    "secretoriginal": "secret_original",
+    "ext": "extension",
+    "marker": "marker",
 }
 SQLITE_TABLE = "yfcc100m_dataset"
 _ENCODED_TEXT = ("user_nickname", "title", "description", "capture_device")
@@ -171,8 +206,10 @@ def read_tsv(path: Path, stats: ReadStats | None = None) -> Iterator[PhotoRecord
                 stats.layout = {23: "yfcc100m-2014-23col", 25: "yfcc100m-25col"}.get(len(columns), "")
             if fields is None or len(columns) != len(fields):
                 expected = "23 or 25" if fields is None else str(len(fields))
-                yield _count(stats, MalformedRow(
-                    line_no, "column-count", f"{len(columns)} columns, expected {expected}"))
+                yield _count(
+                    stats,
+                    MalformedRow(line_no, "column-count", f"{len(columns)} columns, expected {expected}"),
+                )
                 continue
             result = record_from_fields(dict(zip(fields, columns, strict=True)), line_no)
             yield _count(stats, result) if isinstance(result, MalformedRow) else result
@@ -192,8 +229,10 @@ def read_sqlite(path: Path, stats: ReadStats | None = None) -> Iterator[PhotoRec
         columns = ", ".join(SQLITE_COLUMNS)
         for rowid, *values in conn.execute(f"SELECT rowid, {columns} FROM {SQLITE_TABLE} ORDER BY rowid"):
             stats.rows += 1
-            row = {field_name: "" if v is None else str(v)
-                   for field_name, v in zip(SQLITE_COLUMNS.values(), values, strict=True)}
+            row = {
+                field_name: "" if v is None else str(v)
+                for field_name, v in zip(SQLITE_COLUMNS.values(), values, strict=True)
+            }
             result = record_from_fields(row, int(rowid))
             yield _count(stats, result) if isinstance(result, MalformedRow) else result
     finally:

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-SAMPLES = Counter("commoncanvas_samples_total", "Samples processed, by outcome",
-                  ["stage", "split", "outcome"])
+SAMPLES = Counter(
+    "commoncanvas_samples_total", "Samples processed, by outcome", ["stage", "split", "outcome"]
+)
 BYTES = Counter("commoncanvas_bytes_total", "Bytes of samples written", ["stage", "split"])
 UNITS = Counter("commoncanvas_units_total", "Work units finished, by result", ["stage", "result"])
-IMAGES_PER_SECOND = Gauge("commoncanvas_images_per_second", "Throughput of the last finished unit",
-                          ["stage"])
-FETCH_SECONDS = Histogram("commoncanvas_fetch_seconds", "Latency of one HTTP fetch attempt", ["host"],
-                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-UNIT_SECONDS = Histogram("commoncanvas_unit_seconds", "Wall time of one work unit", ["stage"],
-                         buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600))
+IMAGES_PER_SECOND = Gauge("commoncanvas_images_per_second", "Throughput of the last finished unit", ["stage"])
+FETCH_SECONDS = Histogram(
+    "commoncanvas_fetch_seconds",
+    "Latency of one HTTP fetch attempt",
+    ["host"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+UNIT_SECONDS = Histogram(
+    "commoncanvas_unit_seconds",
+    "Wall time of one work unit",
+    ["stage"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
 
 
 def serve(port: int) -> None:

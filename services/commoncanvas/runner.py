@@ -41,13 +41,19 @@ def run_scrape(job: ScrapeJob, show_progress: bool = True) -> dict[str, Any]:
     done = units.done_units(layout.output)
     todo = [u for u in range(plan["units"]) if u not in done]
     errors: dict[int, str] = {}
-    columns = (TextColumn(f"[bold]{job.metadata.name}[/] scrape"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("units  {task.fields[images]} images"), TimeElapsedColumn())
+    columns = (
+        TextColumn(f"[bold]{job.metadata.name}[/] scrape"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units  {task.fields[images]} images"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, disable=not show_progress) as progress:
         task = progress.add_task("units", total=plan["units"], completed=len(done), images=0)
         with ProcessPoolExecutor(local_processes(spec.parallelism), mp_context=worker_context()) as pool:
             pending: dict[Future[dict[str, Any]], int] = {
-                pool.submit(scrape_worker.run_unit, spec, u): u for u in todo}
+                pool.submit(scrape_worker.run_unit, spec, u): u for u in todo
+            }
             images = 0
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -60,7 +66,9 @@ def run_scrape(job: ScrapeJob, show_progress: bool = True) -> dict[str, Any]:
                     progress.update(task, advance=1, images=images)
     if errors:
         listing = "\n".join(f"  unit {u}: {e}" for u, e in sorted(errors.items()))
-        raise UnitsFailed(f"{len(errors)} of {plan['units']} units failed (rerun to retry only those):\n{listing}")
+        raise UnitsFailed(
+            f"{len(errors)} of {plan['units']} units failed (rerun to retry only those):\n{listing}"
+        )
     return scrape_worker.finalize(spec)
 
 

@@ -108,8 +108,13 @@ class LocalStorage(Storage):
         if not base.exists():
             return iter(())
         files = base.rglob("*") if base.is_dir() else iter([base])
-        return iter(sorted(p.relative_to(self.root).as_posix() for p in files
-                           if p.is_file() and not p.name.startswith(".")))
+        return iter(
+            sorted(
+                p.relative_to(self.root).as_posix()
+                for p in files
+                if p.is_file() and not p.name.startswith(".")
+            )
+        )
 
     def delete_prefix(self, prefix: str) -> int:
         base = self._path(prefix)
@@ -124,13 +129,17 @@ class LocalStorage(Storage):
 def s3_client() -> Any:
     """One client per process; endpoint from S3_ENDPOINT_URL, bounded retries and timeouts."""
     config = Config(
-        retries={"max_attempts": int(os.environ.get("COMMONCANVAS_S3_MAX_ATTEMPTS", "5")), "mode": "standard"},
+        retries={
+            "max_attempts": int(os.environ.get("COMMONCANVAS_S3_MAX_ATTEMPTS", "5")),
+            "mode": "standard",
+        },
         connect_timeout=float(os.environ.get("COMMONCANVAS_S3_CONNECT_TIMEOUT", "5")),
         read_timeout=60,
         s3={"addressing_style": "path"},
     )
     return boto3.session.Session().client(
-        "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, config=config)
+        "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, config=config
+    )
 
 
 class S3Storage(Storage):
@@ -184,8 +193,11 @@ class S3Storage(Storage):
 
     def list(self, prefix: str) -> Iterator[str]:
         full = self._key(prefix)
-        pages = s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"{full}/" if full else "")
+        pages = (
+            s3_client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=self.bucket, Prefix=f"{full}/" if full else "")
+        )
         strip = len(self.prefix) + 1 if self.prefix else 0
         try:
             keys = [obj["Key"][strip:] for page in pages for obj in page.get("Contents", [])]
@@ -196,7 +208,7 @@ class S3Storage(Storage):
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
             self._call("deleting", prefix, s3_client().delete_objects, Delete={"Objects": batch})
         return len(keys)
 

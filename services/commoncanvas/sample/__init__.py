@@ -37,30 +37,94 @@ class RealPhoto:
 
 
 REAL_PHOTOS = (
-    RealPhoto("skimage", "data/astronaut.png", "Astronaut Eileen Collins", "NASA",
-              "us-government-work", "https://flic.kr/p/r9qvLn"),
-    RealPhoto("skimage", "data/camera.png", "Man with a camera", "Lav Varshney", "cc0",
-              "https://scikit-image.org/docs/stable/api/skimage.data.html#skimage.data.camera"),
-    RealPhoto("skimage", "data/chelsea.png", "Chelsea the cat", "Stefan van der Walt", "cc0",
-              "https://scikit-image.org/docs/stable/api/skimage.data.html#skimage.data.chelsea"),
-    RealPhoto("skimage", "data/coffee.png", "Coffee cup (courtesy of Pikolo Espresso Bar)",
-              "Rachel Michetti", "cc0",
-              "https://scikit-image.org/docs/stable/api/skimage.data.html#skimage.data.coffee"),
-    RealPhoto("skimage", "data/coins.png", "Greek coins from Pompeii", "Brooklyn Museum",
-              "no-known-copyright", "https://www.brooklynmuseum.org/opencollection/archives/image/51611"),
-    RealPhoto("skimage", "data/hubble_deep_field.jpg", "Hubble eXtreme Deep Field", "NASA",
-              "us-government-work", "http://hubblesite.org/newscenter/archive/releases/2012/37/image/a/"),
-    RealPhoto("skimage", "data/retina.jpg", "Fundus photograph of a normal left eye", "Mikael Häggström",
-              "cc0", "https://commons.wikimedia.org/wiki/File:Fundus_photograph_of_normal_left_eye.jpg"),
-    RealPhoto("skimage", "data/rocket.jpg", "Launch of DSCOVR on Falcon 9", "SpaceX", "cc0",
-              "https://www.flickr.com/photos/spacexphotos/16511594820/"),
-    RealPhoto("skimage", "data/brick.png", "Brick wall texture (CC0Textures Bricks25)", "CC0Textures",
-              "cc0", "https://cc0textures.com/view.php?tex=Bricks25"),
-    RealPhoto("skimage", "data/gravel.png", "Gravel texture (CC0Textures Gravel04)", "CC0Textures",
-              "cc0", "https://cc0textures.com/view.php?tex=Gravel04"),
-    RealPhoto("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "Commodore Grace M. Hopper, USN",
-              "James S. Davis, U.S. Navy", "us-government-work",
-              "https://commons.wikimedia.org/wiki/File:Commodore_Grace_M._Hopper,_USN_(covered).jpg"),
+    RealPhoto(
+        "skimage",
+        "data/astronaut.png",
+        "Astronaut Eileen Collins",
+        "NASA",
+        "us-government-work",
+        "https://flic.kr/p/r9qvLn",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/camera.png",
+        "Man with a camera",
+        "Lav Varshney",
+        "cc0",
+        "https://scikit-image.org/docs/stable/api/skimage.data.html#skimage.data.camera",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/chelsea.png",
+        "Chelsea the cat",
+        "Stefan van der Walt",
+        "cc0",
+        "https://scikit-image.org/docs/stable/api/skimage.data.html#skimage.data.chelsea",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/coffee.png",
+        "Coffee cup (courtesy of Pikolo Espresso Bar)",
+        "Rachel Michetti",
+        "cc0",
+        "https://scikit-image.org/docs/stable/api/skimage.data.html#skimage.data.coffee",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/coins.png",
+        "Greek coins from Pompeii",
+        "Brooklyn Museum",
+        "no-known-copyright",
+        "https://www.brooklynmuseum.org/opencollection/archives/image/51611",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/hubble_deep_field.jpg",
+        "Hubble eXtreme Deep Field",
+        "NASA",
+        "us-government-work",
+        "http://hubblesite.org/newscenter/archive/releases/2012/37/image/a/",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/retina.jpg",
+        "Fundus photograph of a normal left eye",
+        "Mikael Häggström",
+        "cc0",
+        "https://commons.wikimedia.org/wiki/File:Fundus_photograph_of_normal_left_eye.jpg",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/rocket.jpg",
+        "Launch of DSCOVR on Falcon 9",
+        "SpaceX",
+        "cc0",
+        "https://www.flickr.com/photos/spacexphotos/16511594820/",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/brick.png",
+        "Brick wall texture (CC0Textures Bricks25)",
+        "CC0Textures",
+        "cc0",
+        "https://cc0textures.com/view.php?tex=Bricks25",
+    ),
+    RealPhoto(
+        "skimage",
+        "data/gravel.png",
+        "Gravel texture (CC0Textures Gravel04)",
+        "CC0Textures",
+        "cc0",
+        "https://cc0textures.com/view.php?tex=Gravel04",
+    ),
+    RealPhoto(
+        "matplotlib",
+        "mpl-data/sample_data/grace_hopper.jpg",
+        "Commodore Grace M. Hopper, USN",
+        "James S. Davis, U.S. Navy",
+        "us-government-work",
+        "https://commons.wikimedia.org/wiki/File:Commodore_Grace_M._Hopper,_USN_(covered).jpg",
+    ),
 )
 
 
@@ -117,11 +181,17 @@ def sample_rows() -> list[SampleRow]:
     for photo in REAL_PHOTOS:
         data = _real_bytes(photo)
         ext = "png" if photo.resource.endswith(".png") else "jpg"
-        rows.append(SampleRow(next_id, photo.title, photo.author, photo.license_code, "commercial", ext, original=data))
+        rows.append(
+            SampleRow(
+                next_id, photo.title, photo.author, photo.license_code, "commercial", ext, original=data
+            )
+        )
         next_id += 1
     synthetic = [
-        ("cc-by-nc", "noncommercial", {}), ("cc-by-nc-sa", "noncommercial", {}),
-        ("cc-by-nc", "noncommercial", {}), ("cc-by-nc-sa", "noncommercial", {}),
+        ("cc-by-nc", "noncommercial", {}),
+        ("cc-by-nc-sa", "noncommercial", {}),
+        ("cc-by-nc", "noncommercial", {}),
+        ("cc-by-nc-sa", "noncommercial", {}),
         ("cc-by", "commercial", {"original_missing": True}),  # falls back to the `_b` size
         ("cc-by-sa", "commercial", {}),
         ("cc-by-nd", "license-not-allowed:cc-by-nd", {}),
@@ -139,18 +209,40 @@ def sample_rows() -> list[SampleRow]:
             image = image[: len(image) // 3]
         if kind.get("small"):
             image = synthetic_jpeg(number, (120, 90))
-        row = SampleRow(next_id, f"SYNTHETIC sample image {number} ({expect})", SYNTHETIC_AUTHOR, code, expect,
-                        is_video=bool(kind.get("video")),
-                        original=None if kind.get("dead") or kind.get("original_missing") else image,
-                        sized=image if kind.get("original_missing") else None)
+        row = SampleRow(
+            next_id,
+            f"SYNTHETIC sample image {number} ({expect})",
+            SYNTHETIC_AUTHOR,
+            code,
+            expect,
+            is_video=bool(kind.get("video")),
+            original=None if kind.get("dead") or kind.get("original_missing") else image,
+            sized=image if kind.get("original_missing") else None,
+        )
         if code is None:
             row.license_name_override = "Some Custom License"
         rows.append(row)
         next_id += 1
-    rows.append(SampleRow(next_id, "SYNTHETIC malformed row", SYNTHETIC_AUTHOR, "cc-by", "malformed:bad-date",
-                          raw_line="year-4501"))
-    rows.append(SampleRow(next_id + 1, "SYNTHETIC truncated row", SYNTHETIC_AUTHOR, "cc-by",
-                          "malformed:column-count", raw_line="short"))
+    rows.append(
+        SampleRow(
+            next_id,
+            "SYNTHETIC malformed row",
+            SYNTHETIC_AUTHOR,
+            "cc-by",
+            "malformed:bad-date",
+            raw_line="year-4501",
+        )
+    )
+    rows.append(
+        SampleRow(
+            next_id + 1,
+            "SYNTHETIC truncated row",
+            SYNTHETIC_AUTHOR,
+            "cc-by",
+            "malformed:column-count",
+            raw_line="short",
+        )
+    )
     return rows
 
 
@@ -159,17 +251,35 @@ def metadata_line(row: SampleRow, base_url: str) -> str:
     lic = BY_CODE.get(row.license_code or "")
     license_name = row.license_name_override or (lic.name if lic else "")
     license_url = lic.url if lic else ""
-    farm, server, secret, secret_original = "9", "8000", f"s{row.photo_id % 9973:04x}", f"o{row.photo_id % 7919:04x}"
+    farm, server, secret, secret_original = (
+        "9",
+        "8000",
+        f"s{row.photo_id % 9973:04x}",
+        f"o{row.photo_id % 7919:04x}",
+    )
     values = {
-        "photo_id": str(row.photo_id), "user_nsid": f"{row.photo_id % 100000}@N00",
-        "user_nickname": quote_plus(row.author), "date_taken": "2013-06-01 12:00:00.0",
-        "date_uploaded": "1370088000", "capture_device": quote_plus("SYNTHETIC camera"),
-        "title": quote_plus(row.title), "description": quote_plus("Part of the CommonCanvas bundled sample"),
-        "user_tags": "commoncanvas,sample", "machine_tags": "", "longitude": "", "latitude": "", "accuracy": "",
+        "photo_id": str(row.photo_id),
+        "user_nsid": f"{row.photo_id % 100000}@N00",
+        "user_nickname": quote_plus(row.author),
+        "date_taken": "2013-06-01 12:00:00.0",
+        "date_uploaded": "1370088000",
+        "capture_device": quote_plus("SYNTHETIC camera"),
+        "title": quote_plus(row.title),
+        "description": quote_plus("Part of the CommonCanvas bundled sample"),
+        "user_tags": "commoncanvas,sample",
+        "machine_tags": "",
+        "longitude": "",
+        "latitude": "",
+        "accuracy": "",
         "page_url": f"{base_url}/photos/{row.photo_id}/",
         "download_url": f"{base_url}/download/{row.photo_id}.{row.ext}",
-        "license_name": quote_plus(license_name), "license_url": license_url, "server": server, "farm": farm,
-        "secret": secret, "secret_original": secret_original, "extension": row.ext,
+        "license_name": quote_plus(license_name),
+        "license_url": license_url,
+        "server": server,
+        "farm": farm,
+        "secret": secret,
+        "secret_original": secret_original,
+        "extension": row.ext,
         "marker": "1" if row.is_video else "0",
     }
     if row.raw_line == "year-4501":
@@ -184,8 +294,14 @@ def served_files(row: SampleRow) -> dict[str, bytes]:
     """URL path -> body for what the sample's HTTP server serves for this row."""
     farm, server = "9", "8000"
     secret, secret_original = f"s{row.photo_id % 9973:04x}", f"o{row.photo_id % 7919:04x}"
-    names = {"farm": farm, "server": server, "id": row.photo_id, "secret": secret,
-             "secret_original": secret_original, "ext": row.ext}
+    names = {
+        "farm": farm,
+        "server": server,
+        "id": row.photo_id,
+        "secret": secret,
+        "secret_original": secret_original,
+        "ext": row.ext,
+    }
     files = {}
     if row.original is not None:
         files[ORIGINAL_PATH.format(**names)] = row.original

@@ -24,9 +24,14 @@ def free_port() -> int:
 class LocalHTTPServer:
     """Serves files under `root` (or an in-memory dict), plus any extra `routes` given as handlers."""
 
-    def __init__(self, root: Path | None = None, files: dict[str, bytes] | None = None,
-                 routes: dict[str, Handler] | None = None, latency: float = 0.0,
-                 on_request: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        files: dict[str, bytes] | None = None,
+        routes: dict[str, Handler] | None = None,
+        latency: float = 0.0,
+        on_request: Callable[[str], None] | None = None,
+    ) -> None:
         self.root = root
         self.files = files or {}
         self.routes = routes or {}

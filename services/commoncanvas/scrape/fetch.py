@@ -21,12 +21,17 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from commoncanvas import metrics
 from commoncanvas.scrape.plan import PlannedSample
-from commoncanvas.specs.scrape import Filters, FetchPolicy
+from commoncanvas.specs.scrape import FetchPolicy, Filters
 
 RETRY_AFTER_CAP_SECONDS = 120.0
 _MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
 )
 _GENERIC_TYPES = ("application/octet-stream", "binary/octet-stream", "")
 
@@ -85,7 +90,9 @@ def validate_image(data: bytes, content_type: str, filters: Filters) -> ValidIma
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > filters.max_pixels:
-                raise FetchFailure("decompression-bomb", f"{width}x{height} exceeds {filters.max_pixels} pixels")
+                raise FetchFailure(
+                    "decompression-bomb", f"{width}x{height} exceeds {filters.max_pixels} pixels"
+                )
             if min(width, height) < filters.min_side:
                 raise FetchFailure("too-small", f"{width}x{height} is below {filters.min_side} px")
             if image.format == "JPEG":
@@ -149,8 +156,9 @@ class Fetcher:
             async with session.get(url) as response:
                 status = response.status
                 if status == 429 or status >= 500:
-                    raise RetryableFailure(f"http-{status}", url, parse_retry_after(
-                        response.headers.get("Retry-After")))
+                    raise RetryableFailure(
+                        f"http-{status}", url, parse_retry_after(response.headers.get("Retry-After"))
+                    )
                 if status >= 400:
                     raise FetchFailure(f"http-{status}", url)
                 declared = response.content_length
@@ -165,7 +173,9 @@ class Fetcher:
         except aiohttp.ClientPayloadError as exc:
             raise RetryableFailure("truncated", f"{url}: {exc}") from None
         except TimeoutError:
-            raise RetryableFailure("timeout", f"{url}: no complete answer in {self.policy.timeout_seconds}s") from None
+            raise RetryableFailure(
+                "timeout", f"{url}: no complete answer in {self.policy.timeout_seconds}s"
+            ) from None
         except aiohttp.TooManyRedirects:
             raise FetchFailure("too-many-redirects", url) from None
         except aiohttp.ClientError as exc:
@@ -173,11 +183,16 @@ class Fetcher:
         finally:
             metrics.FETCH_SECONDS.labels(host=host).observe(time.perf_counter() - started)
 
-    async def _fetch_url(self, session: aiohttp.ClientSession, url: str) -> tuple[bytes, ValidImage, str, int]:
+    async def _fetch_url(
+        self, session: aiohttp.ClientSession, url: str
+    ) -> tuple[bytes, ValidImage, str, int]:
         attempts = 0
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.policy.retries + 1), wait=self._wait,
-            retry=retry_if_exception_type(RetryableFailure), reraise=True)
+            stop=stop_after_attempt(self.policy.retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception_type(RetryableFailure),
+            reraise=True,
+        )
         async for attempt in retrying:
             with attempt:
                 attempts += 1
@@ -197,14 +212,16 @@ class Fetcher:
             if digest in self._seen:
                 return FetchResult(sample, "duplicate", final_url, sha256=digest, attempts=attempts)
             self._seen.add(digest)
-            return FetchResult(sample, "ok", final_url, data, image.width, image.height, digest,
-                               attempts=attempts)
+            return FetchResult(
+                sample, "ok", final_url, data, image.width, image.height, digest, attempts=attempts
+            )
         # The first candidate's reason is the informative one (the original); all are in the detail.
         detail = "; ".join(str(f) for f in failures)
         return FetchResult(sample, failures[0].reason if failures else "no-candidate-url", detail=detail)
 
-    async def fetch_all(self, samples: Iterable[PlannedSample],
-                        on_result: Callable[[FetchResult], Awaitable[None] | None]) -> None:
+    async def fetch_all(
+        self, samples: Iterable[PlannedSample], on_result: Callable[[FetchResult], Awaitable[None] | None]
+    ) -> None:
         timeout = aiohttp.ClientTimeout(total=self.policy.timeout_seconds)
         connector = aiohttp.TCPConnector(limit=self.policy.concurrency, ttl_dns_cache=300)
         headers = {"User-Agent": self.policy.user_agent}
@@ -219,7 +236,11 @@ class Fetcher:
                 if outcome is not None:
                     await outcome
 
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers,
-                                         auto_decompress=False) as session, asyncio.TaskGroup() as group:
+        async with (
+            aiohttp.ClientSession(
+                timeout=timeout, connector=connector, headers=headers, auto_decompress=False
+            ) as session,
+            asyncio.TaskGroup() as group,
+        ):
             for _ in range(min(self.policy.concurrency, queue.qsize())):
                 group.create_task(worker(session))

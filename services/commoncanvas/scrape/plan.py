@@ -53,8 +53,14 @@ class PlannedSample:
 
 def candidate_urls(record: PhotoRecord, fetch: FetchPolicy) -> tuple[str, ...]:
     """Original resolution first, then the `_b` size, then the listed download URL; no repeats."""
-    values = {"farm": record.farm, "server": record.server, "id": record.photo_id,
-              "secret": record.secret, "secret_original": record.secret_original, "ext": record.extension}
+    values = {
+        "farm": record.farm,
+        "server": record.server,
+        "id": record.photo_id,
+        "secret": record.secret,
+        "secret_original": record.secret_original,
+        "ext": record.extension,
+    }
     urls: list[str] = []
     if record.farm and record.server and record.secret_original and record.extension:
         urls.append(fetch.original_url_template.format(**values))
@@ -77,11 +83,18 @@ def plan_record(record: PhotoRecord, policy: LicensePolicy, fetch: FetchPolicy) 
     if not candidates:
         return "no-candidate-url"
     return PlannedSample(
-        photo_id=record.photo_id, line=record.line, split=str(decision.split),
-        license_code=decision.license.code, license_name=decision.license.name,
+        photo_id=record.photo_id,
+        line=record.line,
+        split=str(decision.split),
+        license_code=decision.license.code,
+        license_name=decision.license.name,
         license_url=normalized_license_url(decision.license, record.license_url),
-        author=record.user_nickname, author_nsid=record.user_nsid, title=record.title, tags=record.tags,
-        page_url=record.page_url, candidates=candidates,
+        author=record.user_nickname,
+        author_nsid=record.user_nsid,
+        title=record.title,
+        tags=record.tags,
+        page_url=record.page_url,
+        candidates=candidates,
     )
 
 
@@ -99,23 +112,40 @@ class PlanSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "commercial": self.commercial, "noncommercial": self.noncommercial,
-            "excluded": dict(sorted(self.excluded.items())), "licenses": dict(sorted(self.licenses.items())),
-            "rows": self.rows, "layout": self.layout, "units": len(self.units),
-            "malformed": self.malformed, "spec_hash": self.spec_hash,
+            "commercial": self.commercial,
+            "noncommercial": self.noncommercial,
+            "excluded": dict(sorted(self.excluded.items())),
+            "licenses": dict(sorted(self.licenses.items())),
+            "rows": self.rows,
+            "layout": self.layout,
+            "units": len(self.units),
+            "malformed": self.malformed,
+            "spec_hash": self.spec_hash,
         }
 
 
 def plan_hash(spec: ScrapeJobSpec) -> str:
     """What the plan depends on; a rerun with a different one must not reuse the plan."""
-    relevant = {"source": spec.source.model_dump(), "licenses": spec.licenses.model_dump(),
-                "fetch_urls": [spec.fetch.original_url_template, spec.fetch.sized_url_template,
-                               spec.fetch.use_download_url], "unit_size": spec.unit_size}
+    relevant = {
+        "source": spec.source.model_dump(),
+        "licenses": spec.licenses.model_dump(),
+        "fetch_urls": [
+            spec.fetch.original_url_template,
+            spec.fetch.sized_url_template,
+            spec.fetch.use_download_url,
+        ],
+        "unit_size": spec.unit_size,
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def iter_plan(rows: Iterable[PhotoRecord | MalformedRow], policy: LicensePolicy, fetch: FetchPolicy,
-              unit_size: int, summary: PlanSummary) -> Iterator[tuple[str, list[PlannedSample]]]:
+def iter_plan(
+    rows: Iterable[PhotoRecord | MalformedRow],
+    policy: LicensePolicy,
+    fetch: FetchPolicy,
+    unit_size: int,
+    summary: PlanSummary,
+) -> Iterator[tuple[str, list[PlannedSample]]]:
     """Yields (split, samples) per work unit, in unit order, filling each split's unit in turn."""
     pending: dict[str, list[PlannedSample]] = {Split.COMMERCIAL: [], Split.NONCOMMERCIAL: []}
     for row in rows:
@@ -164,8 +194,11 @@ def unit_plan_key(unit: int) -> str:
 
 
 def read_unit_plan(plan: Storage, unit: int) -> list[PlannedSample]:
-    return [PlannedSample.from_json(line) for line in plan.read_text(unit_plan_key(unit)).splitlines()
-            if line.strip()]
+    return [
+        PlannedSample.from_json(line)
+        for line in plan.read_text(unit_plan_key(unit)).splitlines()
+        if line.strip()
+    ]
 
 
 def read_units(plan: Storage) -> list[dict[str, Any]]:

@@ -27,19 +27,42 @@ FAILURES_KEPT = 10_000  # per unit; the counts are always exact
 
 # The catalog's columns: the image as fetched (native resolution) and its full license + attribution.
 CATALOG_COLUMNS = {
-    "image": "bytes", "photo_id": "int", "split": "str", "license_code": "str", "license_name": "str",
-    "license_url": "str", "author": "str", "author_nsid": "str", "title": "str", "tags": "json",
-    "page_url": "str", "fetched_url": "str", "width": "int", "height": "int", "sha256": "str",
+    "image": "bytes",
+    "photo_id": "int",
+    "split": "str",
+    "license_code": "str",
+    "license_name": "str",
+    "license_url": "str",
+    "author": "str",
+    "author_nsid": "str",
+    "title": "str",
+    "tags": "json",
+    "page_url": "str",
+    "fetched_url": "str",
+    "width": "int",
+    "height": "int",
+    "sha256": "str",
 }
 
 
 def catalog_row(result: FetchResult) -> dict[str, Any]:
     s = result.sample
     return {
-        "image": result.data, "photo_id": s.photo_id, "split": s.split, "license_code": s.license_code,
-        "license_name": s.license_name, "license_url": s.license_url, "author": s.author,
-        "author_nsid": s.author_nsid, "title": s.title, "tags": list(s.tags), "page_url": s.page_url,
-        "fetched_url": result.url, "width": result.width, "height": result.height, "sha256": result.sha256,
+        "image": result.data,
+        "photo_id": s.photo_id,
+        "split": s.split,
+        "license_code": s.license_code,
+        "license_name": s.license_name,
+        "license_url": s.license_url,
+        "author": s.author,
+        "author_nsid": s.author_nsid,
+        "title": s.title,
+        "tags": list(s.tags),
+        "page_url": s.page_url,
+        "fetched_url": result.url,
+        "width": result.width,
+        "height": result.height,
+        "sha256": result.sha256,
     }
 
 
@@ -65,7 +88,8 @@ def ensure_plan(spec: ScrapeJobSpec, layout: ScrapeLayout) -> dict[str, Any]:
         if summary.get("spec_hash") != plan_hash(spec):
             raise ValueError(
                 f"{layout.plan.uri} holds a plan made from a different source, license policy, URL "
-                "templates or unit size; use a new output URI (finished units would not match)")
+                "templates or unit size; use a new output URI (finished units would not match)"
+            )
         return summary
     return write_plan(spec, layout.plan).to_dict()
 
@@ -98,17 +122,28 @@ def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
                     written_bytes += len(result.data)
                     metrics.BYTES.labels(STAGE, split).inc(len(result.data))
                 elif len(failures) < FAILURES_KEPT:
-                    failures.append({"photo_id": result.sample.photo_id, "reason": result.outcome,
-                                     "detail": result.detail[:500]})
+                    failures.append(
+                        {
+                            "photo_id": result.sample.photo_id,
+                            "reason": result.outcome,
+                            "detail": result.detail[:500],
+                        }
+                    )
 
             asyncio.run(Fetcher(spec.fetch, spec.filters, split).fetch_all(samples, on_result))
         if outcomes["ok"]:
             units.publish_unit(layout.output, split, unit, local)
     seconds = time.perf_counter() - started
     stats = {
-        "unit": unit, "split": split, "planned": len(samples), "written": outcomes["ok"],
-        "outcomes": dict(sorted(outcomes.items())), "bytes": written_bytes, "seconds": round(seconds, 3),
-        "licenses": dict(sorted(written_licenses.items())), "failures": failures,
+        "unit": unit,
+        "split": split,
+        "planned": len(samples),
+        "written": outcomes["ok"],
+        "outcomes": dict(sorted(outcomes.items())),
+        "bytes": written_bytes,
+        "seconds": round(seconds, 3),
+        "licenses": dict(sorted(written_licenses.items())),
+        "failures": failures,
     }
     assert sum(outcomes.values()) == len(samples), "every planned sample must have an outcome"
     units.finish_unit(layout.output, unit, stats)
@@ -136,10 +171,14 @@ def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
         samples[split] = units.merge_split_index(layout.output, split, split_units)
     for marker in markers.values():
         licenses.update(marker["licenses"])
-        excluded.update({f"fetch:{outcome}": n for outcome, n in marker["outcomes"].items() if outcome != "ok"})
+        excluded.update(
+            {f"fetch:{outcome}": n for outcome, n in marker["outcomes"].items() if outcome != "ok"}
+        )
     result = {
-        "samples": samples, "licenses": dict(sorted(licenses.items())),
-        "excluded": dict(sorted(excluded.items())), "units": len(plan_units),
+        "samples": samples,
+        "licenses": dict(sorted(licenses.items())),
+        "excluded": dict(sorted(excluded.items())),
+        "units": len(plan_units),
         "outputs": {split: layout.output.url(split) for split, n in samples.items() if n},
         "planned": {"commercial": summary["commercial"], "noncommercial": summary["noncommercial"]},
         "malformed": summary["malformed"],

@@ -6,6 +6,14 @@ from commoncanvas.specs.scrape import ScrapeJob, ScrapeJobSpec, ScrapeJobStatus
 KINDS = {"ScrapeJob": ScrapeJob}
 
 __all__ = [
-    "GROUP", "KINDS", "VERSION", "Condition", "ObjectMeta", "Phase", "ScrapeJob", "ScrapeJobSpec",
-    "ScrapeJobStatus", "load_resources",
+    "GROUP",
+    "KINDS",
+    "VERSION",
+    "Condition",
+    "ObjectMeta",
+    "Phase",
+    "ScrapeJob",
+    "ScrapeJobSpec",
+    "ScrapeJobStatus",
+    "load_resources",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def format_validation_error(exc: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
-def load_resources(path: str | Path, kinds: dict[str, type[BaseModel]]) -> list[Any]:
+def load_resources(path: str | Path, kinds: Mapping[str, type[BaseModel]]) -> list[Any]:
     """Every document of a YAML file, each validated by the model its `kind` names."""
     path = Path(path)
     resources: list[Any] = []
@@ -85,7 +86,7 @@ def load_resources(path: str | Path, kinds: dict[str, type[BaseModel]]) -> list[
     for number, doc in enumerate(docs, start=1):
         where = f"{path} (document {number})"
         kind = doc.get("kind") if isinstance(doc, dict) else None
-        if kind not in kinds:
+        if not isinstance(kind, str) or kind not in kinds:
             raise SpecError(f"{where}: kind {kind!r} is not one of {sorted(kinds)}")
         try:
             resources.append(kinds[kind].model_validate(doc))

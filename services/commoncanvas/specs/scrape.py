@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast, get_args
 
 from pydantic import Field
 
 from commoncanvas.licenses import DEFAULT_ALLOWED
-from commoncanvas.specs.common import API_VERSION, CommonStatus, KubeModel, ObjectMeta
+from commoncanvas.specs.common import CommonStatus, KubeModel, ObjectMeta
 
 # Only licenses that allow derivatives can be named: a NoDerivs or ARR code is rejected by the schema.
 AllowedLicense = Literal[
-    "cc-by", "cc-by-sa", "cc-by-nc", "cc-by-nc-sa", "no-known-copyright", "us-government-work", "cc0",
+    "cc-by",
+    "cc-by-sa",
+    "cc-by-nc",
+    "cc-by-nc-sa",
+    "no-known-copyright",
+    "us-government-work",
+    "cc0",
     "public-domain-mark",
 ]
-assert set(AllowedLicense.__args__) == set(DEFAULT_ALLOWED), "licenses.py and the ScrapeJob schema disagree"
+assert set(get_args(AllowedLicense)) == set(DEFAULT_ALLOWED), "licenses.py and the ScrapeJob schema disagree"
 
 FLICKR_ORIGINAL = "https://farm{farm}.staticflickr.com/{server}/{id}_{secret_original}_o.{ext}"
 FLICKR_LARGE = "https://farm{farm}.staticflickr.com/{server}/{id}_{secret}_b.jpg"
 
 
 class MetadataSource(KubeModel):
-    uri: str = Field(min_length=1, description="YFCC100M metadata: TSV (plain, .bz2, .gz) or the SQLite "
-                                               "release; a local path or s3://bucket/key")
+    uri: str = Field(
+        min_length=1,
+        description="YFCC100M metadata: TSV (plain, .bz2, .gz) or the SQLite "
+        "release; a local path or s3://bucket/key",
+    )
 
 
 class LicensePolicySpec(KubeModel):
     allow: list[AllowedLicense] = Field(
-        default_factory=lambda: list(DEFAULT_ALLOWED), min_length=1,
-        description="License codes to keep; commercial-use licenses form the C split, the rest NC")
+        default_factory=lambda: cast(list[AllowedLicense], list(DEFAULT_ALLOWED)),
+        min_length=1,
+        description="License codes to keep; commercial-use licenses form the C split, the rest NC",
+    )
 
 
 class Filters(KubeModel):
@@ -74,7 +85,7 @@ class ScrapeJobStatus(CommonStatus):
 class ScrapeJob(KubeModel):
     """A ScrapeJob custom resource."""
 
-    api_version: Literal["commoncanvas.dev/v1alpha1"] = API_VERSION
+    api_version: Literal["commoncanvas.dev/v1alpha1"] = "commoncanvas.dev/v1alpha1"
     kind: Literal["ScrapeJob"] = "ScrapeJob"
     metadata: ObjectMeta
     spec: ScrapeJobSpec
