@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from commoncanvas.specs import GROUP, VERSION, ScrapeJob
+from commoncanvas.specs import GROUP, VERSION, CaptionJob, ScrapeJob
 
 _DROP = {"title", "additionalProperties", "$defs", "discriminator"}
 
@@ -37,6 +37,20 @@ KIND_INFO: dict[str, KindInfo] = {
                 "name": "NonCommercial",
                 "type": "integer",
                 "jsonPath": ".status.samples.noncommercial",
+                "priority": 1,
+            },
+        ),
+    ),
+    "CaptionJob": KindInfo(
+        CaptionJob,
+        "captionjobs",
+        ("cj",),
+        (
+            {"name": "Commercial", "type": "integer", "jsonPath": ".status.captions.commercial"},
+            {
+                "name": "NonCommercial",
+                "type": "integer",
+                "jsonPath": ".status.captions.noncommercial",
                 "priority": 1,
             },
         ),

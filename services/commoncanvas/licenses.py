@@ -161,8 +161,12 @@ _NAMED = {
 
 
 def _code_from_elements(elements: Iterable[str]) -> str | None:
-    ordered = [e for e in ("by", "nc", "nd", "sa") if e in set(elements)]
-    if not ordered or ordered[0] != "by" or ("nd" in ordered and "sa" in ordered):
+    """('by', 'nc', 'sa') -> 'cc-by-nc-sa'; anything unrecognised -> None (never guess)."""
+    present = list(elements)
+    if not present or not set(present) <= _CC_ELEMENTS or len(set(present)) != len(present):
+        return None
+    ordered = [e for e in ("by", "nc", "nd", "sa") if e in present]
+    if ordered[0] != "by" or ("nd" in ordered and "sa" in ordered):
         return None
     code = "cc-" + "-".join(ordered)
     return code if code in BY_CODE else None
@@ -177,6 +181,7 @@ def license_from_name(name: str) -> License | None:
     text = text.replace("share-alike", "sharealike").replace("no-derivs", "noderivs")
     text = re.sub(r"\blicen[cs]e\b", " ", text)
     text = re.sub(r"\b\d+(\.\d+)*\b", " ", text)  # any version
+    text = re.sub(r"\b(international|universal|unported|generic)\b", " ", text)  # version suffixes
     words = [w for w in re.split(r"[^a-z0-9]+", text) if w]
     if not words:
         return None

@@ -23,6 +23,19 @@ UNIT_SECONDS = Histogram(
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
 )
 
+BATCH_SECONDS = Histogram(
+    "commoncanvas_batch_seconds",
+    "Wall time of one model batch",
+    ["stage"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+)
+GPU_MEMORY_BYTES = Gauge(
+    "commoncanvas_gpu_memory_bytes", "Peak GPU memory allocated by the worker", ["stage"]
+)
+OOM_BACKOFFS = Counter(
+    "commoncanvas_oom_backoffs_total", "CUDA out-of-memory errors survived by halving the batch", ["stage"]
+)
+
 
 def serve(port: int) -> None:
     """Expose /metrics on `port` (0 = don't)."""

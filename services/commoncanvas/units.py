@@ -9,13 +9,31 @@ Once all units are done, `merge_split_index` writes `{split}/index.json` over th
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from commoncanvas.storage import Storage
+from commoncanvas.storage import Storage, open_storage
 
 MARKERS = "_units"
+PLAN_DIR = "_plan"
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """A stage's output root: units' data under `{split}/unit-NNNNNN/`, markers, and its frozen plan."""
+
+    output: Storage
+
+    @property
+    def plan(self) -> Storage:
+        return self.output.child(PLAN_DIR)
+
+    @classmethod
+    def at(cls, uri: str) -> StageLayout:
+        return cls(open_storage(uri))
 
 
 def unit_dir(split: str, unit: int) -> str:
@@ -76,3 +94,28 @@ def merge_split_index(storage: Storage, split: str, units: Iterable[int]) -> int
             shards.append(shard)
     storage.write_text(f"{split}/index.json", json.dumps({"version": 2, "shards": shards}))
     return sum(int(shard["samples"]) for shard in shards)
+
+
+def summarize(layout: StageLayout, unit_splits: dict[int, str]) -> dict[str, Any]:
+    """Once every planned unit has its marker: merge each split's index and add up the markers."""
+    markers = read_markers(layout.output)
+    missing = sorted(set(unit_splits) - set(markers))
+    if missing:
+        raise RuntimeError(f"{len(missing)} units have no marker yet (first: {missing[:5]}); rerun to finish")
+    samples: dict[str, int] = {}
+    for split in sorted(set(unit_splits.values())):
+        samples[split] = merge_split_index(
+            layout.output, split, [u for u, s in unit_splits.items() if s == split]
+        )
+    licenses: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
+    for marker in markers.values():
+        licenses.update(marker["licenses"])
+        outcomes.update({k: v for k, v in marker["outcomes"].items() if k != "ok"})
+    return {
+        "samples": samples,
+        "licenses": dict(sorted(licenses.items())),
+        "failed": dict(sorted(outcomes.items())),
+        "units": len(unit_splits),
+        "outputs": {split: layout.output.url(split) for split, n in samples.items() if n},
+    }

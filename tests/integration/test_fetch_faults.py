@@ -17,7 +17,7 @@ from commoncanvas.sample import synthetic_jpeg
 from commoncanvas.sample.server import LocalHTTPServer
 from commoncanvas.scrape.fetch import Fetcher, FetchResult
 from commoncanvas.scrape.plan import PlannedSample
-from commoncanvas.specs.scrape import Filters, FetchPolicy
+from commoncanvas.specs.scrape import FetchPolicy, Filters
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +30,8 @@ def _bomb_png() -> bytes:
     Image.new("1", (64, 64)).save(out, "PNG")
     data = bytearray(out.getvalue())
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4: ihdr + 12] = struct.pack(">II", 50_000, 50_000)
-    data[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr: ihdr + 17])))
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", 50_000, 50_000)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
     return bytes(data)
 
 
@@ -103,10 +103,17 @@ class FaultRoutes:
 
     def routes(self) -> dict[str, object]:
         return {
-            "/image.jpg": self.image, "/gone.jpg": self.gone, "/throttled.jpg": self.throttled_once,
-            "/error.jpg": self.error_once, "/slow.jpg": self.slow, "/truncated.jpg": self.truncated,
-            "/page.jpg": self.html, "/zip.jpg": self.lying_jpeg, "/bomb.png": self.bomb,
-            "/redirect.jpg": self.redirect, "/huge.jpg": self.huge,
+            "/image.jpg": self.image,
+            "/gone.jpg": self.gone,
+            "/throttled.jpg": self.throttled_once,
+            "/error.jpg": self.error_once,
+            "/slow.jpg": self.slow,
+            "/truncated.jpg": self.truncated,
+            "/page.jpg": self.html,
+            "/zip.jpg": self.lying_jpeg,
+            "/bomb.png": self.bomb,
+            "/redirect.jpg": self.redirect,
+            "/huge.jpg": self.huge,
         }
 
 
@@ -122,9 +129,20 @@ def server(faults: FaultRoutes):  # type: ignore[no-untyped-def]
 
 
 def sample(*urls: str, photo_id: int = 1) -> PlannedSample:
-    return PlannedSample(photo_id, photo_id, "commercial", "cc-by", "Attribution License",
-                         "https://creativecommons.org/licenses/by/2.0/", "author", "1@N00", "title", (),
-                         "https://example.org/p/1", tuple(urls))
+    return PlannedSample(
+        photo_id,
+        photo_id,
+        "commercial",
+        "cc-by",
+        "Attribution License",
+        "https://creativecommons.org/licenses/by/2.0/",
+        "author",
+        "1@N00",
+        "title",
+        (),
+        "https://example.org/p/1",
+        tuple(urls),
+    )
 
 
 def fetch(*samples: PlannedSample, **policy: object) -> list[FetchResult]:
@@ -136,8 +154,11 @@ def fetch(*samples: PlannedSample, **policy: object) -> list[FetchResult]:
 
 
 def test_falls_back_to_the_next_candidate_on_404_and_410(server: LocalHTTPServer) -> None:
-    (result,) = fetch(sample(f"{server.base_url}/missing.jpg", f"{server.base_url}/gone.jpg",
-                             f"{server.base_url}/image.jpg"))
+    (result,) = fetch(
+        sample(
+            f"{server.base_url}/missing.jpg", f"{server.base_url}/gone.jpg", f"{server.base_url}/image.jpg"
+        )
+    )
     assert result.outcome == "ok"
     assert result.url == f"{server.base_url}/image.jpg"
     assert result.data == GOOD and (result.width, result.height) == (400, 300)
@@ -162,7 +183,8 @@ def test_500_is_retried_then_succeeds(server: LocalHTTPServer, faults: FaultRout
 
 
 def test_a_response_slower_than_the_timeout_fails_after_the_retries(
-        server: LocalHTTPServer, faults: FaultRoutes) -> None:
+    server: LocalHTTPServer, faults: FaultRoutes
+) -> None:
     (result,) = fetch(sample(f"{server.base_url}/slow.jpg"), retries=1, timeout_seconds=0.3)
     assert result.outcome == "timeout"
     assert len(faults.calls["/slow.jpg"]) == 2
@@ -198,8 +220,11 @@ def test_bodies_over_the_size_limit_are_refused(server: LocalHTTPServer) -> None
 
 
 def test_the_same_bytes_twice_in_a_unit_are_kept_once(server: LocalHTTPServer) -> None:
-    results = fetch(sample(f"{server.base_url}/image.jpg", photo_id=1),
-                    sample(f"{server.base_url}/redirect.jpg", photo_id=2), concurrency=1)
+    results = fetch(
+        sample(f"{server.base_url}/image.jpg", photo_id=1),
+        sample(f"{server.base_url}/redirect.jpg", photo_id=2),
+        concurrency=1,
+    )
     assert sorted(r.outcome for r in results) == ["duplicate", "ok"]
 
 

@@ -21,7 +21,7 @@ from commoncanvas.licenses import BY_CODE
 from commoncanvas.runner import UnitsFailed, run_scrape
 from commoncanvas.sample import Sample, build_sample, url_templates
 from commoncanvas.sample.server import LocalHTTPServer
-from commoncanvas.scrape.worker import ScrapeLayout, ensure_plan
+from commoncanvas.scrape.worker import ensure_plan, layout_of
 from commoncanvas.specs import ScrapeJob
 
 pytestmark = pytest.mark.integration
@@ -46,12 +46,18 @@ def served_sample(tmp_path: Path) -> Iterator[tuple[Sample, LocalHTTPServer]]:
 
 
 def make_job(sample: Sample, server: LocalHTTPServer, output: str, **fetch: Any) -> ScrapeJob:
-    return ScrapeJob.model_validate({
-        "metadata": {"name": "test-scrape"},
-        "spec": {"source": {"uri": str(sample.metadata)}, "output": {"uri": output},
-                 "fetch": {**url_templates(server.base_url), "retries": 1, "backoffSeconds": 0.05, **fetch},
-                 "unitSize": 6, "parallelism": 2},
-    })
+    return ScrapeJob.model_validate(
+        {
+            "metadata": {"name": "test-scrape"},
+            "spec": {
+                "source": {"uri": str(sample.metadata)},
+                "output": {"uri": output},
+                "fetch": {**url_templates(server.base_url), "retries": 1, "backoffSeconds": 0.05, **fetch},
+                "unitSize": 6,
+                "parallelism": 2,
+            },
+        }
+    )
 
 
 def read_split(uri: str, cache: Path) -> list[dict[str, Any]]:
@@ -83,13 +89,16 @@ def assert_catalog_exactly_once(sample: Sample, output: str, cache: Path) -> Non
 
 
 def test_scrapejob_writes_c_and_nc_catalogs_to_minio(
-        minio: Any, s3_env: dict[str, str], served_sample: tuple[Sample, LocalHTTPServer], tmp_path: Path) -> None:
+    minio: Any, s3_env: dict[str, str], served_sample: tuple[Sample, LocalHTTPServer], tmp_path: Path
+) -> None:
     sample, server = served_sample
     minio.make_bucket("catalog")
     output = "s3://catalog/run-1"
     summary = run_scrape(make_job(sample, server, output), show_progress=False)
-    assert summary["samples"] == {"commercial": len(expected_ids(sample, "commercial")),
-                                  "noncommercial": len(expected_ids(sample, "noncommercial"))}
+    assert summary["samples"] == {
+        "commercial": len(expected_ids(sample, "commercial")),
+        "noncommercial": len(expected_ids(sample, "noncommercial")),
+    }
     for row in sample.rows:
         if row.expect not in ("commercial", "noncommercial"):
             assert summary["excluded"].get(row.expect, 0) >= 1, f"{row.expect} not reported"
@@ -97,12 +106,13 @@ def test_scrapejob_writes_c_and_nc_catalogs_to_minio(
 
 
 def test_killed_worker_then_rerun_gives_every_sample_exactly_once(
-        minio: Any, s3_env: dict[str, str], served_sample: tuple[Sample, LocalHTTPServer], tmp_path: Path) -> None:
+    minio: Any, s3_env: dict[str, str], served_sample: tuple[Sample, LocalHTTPServer], tmp_path: Path
+) -> None:
     sample, server = served_sample
     minio.make_bucket("killed")
     output = "s3://killed/run"
     job = make_job(sample, server, output, concurrency=1)
-    layout = ScrapeLayout.of(job.spec)
+    layout = layout_of(job.spec)
     ensure_plan(job.spec, layout)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job.model_dump(by_alias=True, exclude_none=True)))
@@ -110,8 +120,10 @@ def test_killed_worker_then_rerun_gives_every_sample_exactly_once(
     layout.output.write_bytes(f"{units.unit_dir('commercial', 0)}/shard.00000.mds", b"stale partial shard")
 
     before = len(server.requests)
-    worker = subprocess.Popen([sys.executable, "-m", "commoncanvas.cli", "scrape", "unit", str(job_file),
-                               "--unit", "0"], env={**os.environ, **s3_env})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "commoncanvas.cli", "scrape", "unit", str(job_file), "--unit", "0"],
+        env={**os.environ, **s3_env},
+    )
     deadline = time.monotonic() + 120
     while len(server.requests) < before + 3 and time.monotonic() < deadline and worker.poll() is None:
         time.sleep(0.02)
@@ -127,7 +139,8 @@ def test_killed_worker_then_rerun_gives_every_sample_exactly_once(
 
 
 def test_s3_outage_mid_run_fails_units_clearly_and_a_rerun_completes(
-        minio: Any, s3_env: dict[str, str], tmp_path: Path) -> None:
+    minio: Any, s3_env: dict[str, str], tmp_path: Path
+) -> None:
     www = tmp_path / "sample"
     www.mkdir()
     outage = threading.Event()

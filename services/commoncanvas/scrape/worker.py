@@ -8,7 +8,6 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,10 @@ from commoncanvas import metrics, units
 from commoncanvas.scrape.fetch import Fetcher, FetchResult
 from commoncanvas.scrape.plan import PLAN_SUMMARY, plan_hash, read_unit_plan, read_units, write_plan
 from commoncanvas.specs.scrape import ScrapeJobSpec
-from commoncanvas.storage import Storage, open_storage
+from commoncanvas.units import StageLayout
 
 log = logging.getLogger(__name__)
 STAGE = "scrape"
-PLAN_DIR = "_plan"
 FAILURES_KEPT = 10_000  # per unit; the counts are always exact
 
 # The catalog's columns: the image as fetched (native resolution) and its full license + attribution.
@@ -66,22 +64,11 @@ def catalog_row(result: FetchResult) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class ScrapeLayout:
-    """Where a ScrapeJob keeps things under its output root."""
-
-    output: Storage
-
-    @property
-    def plan(self) -> Storage:
-        return self.output.child(PLAN_DIR)
-
-    @classmethod
-    def of(cls, spec: ScrapeJobSpec) -> ScrapeLayout:
-        return cls(open_storage(spec.output.uri))
+def layout_of(spec: ScrapeJobSpec) -> StageLayout:
+    return StageLayout.at(spec.output.uri)
 
 
-def ensure_plan(spec: ScrapeJobSpec, layout: ScrapeLayout) -> dict[str, Any]:
+def ensure_plan(spec: ScrapeJobSpec, layout: StageLayout) -> dict[str, Any]:
     """Plan once; a rerun reuses the plan if it was made from the same inputs, else refuses."""
     if layout.plan.exists(PLAN_SUMMARY):
         summary: dict[str, Any] = json.loads(layout.plan.read_text(PLAN_SUMMARY))
@@ -96,7 +83,7 @@ def ensure_plan(spec: ScrapeJobSpec, layout: ScrapeLayout) -> dict[str, Any]:
 
 def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
     """Run unit `unit` to completion, or return its marker if it already finished."""
-    layout = ScrapeLayout.of(spec)
+    layout = layout_of(spec)
     if units.is_done(layout.output, unit):
         return units.read_marker(layout.output, unit)
     unit_info = read_units(layout.plan)[unit]
@@ -155,33 +142,19 @@ def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
 
 
 def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
-    """Once every unit has its marker: merge each split's index and return the job summary."""
-    layout = ScrapeLayout.of(spec)
-    plan_units = read_units(layout.plan)
-    markers = units.read_markers(layout.output)
-    missing = [u["unit"] for u in plan_units if u["unit"] not in markers]
-    if missing:
-        raise RuntimeError(f"{len(missing)} units have no marker yet (first: {missing[:5]}); rerun to finish")
-    summary = ensure_plan(spec, layout)
-    samples: dict[str, int] = {}
-    licenses: Counter[str] = Counter()
-    excluded: Counter[str] = Counter(summary["excluded"])
+    """Once every unit has its marker: merge each split's index and write the job summary."""
+    layout = layout_of(spec)
+    plan = ensure_plan(spec, layout)
+    merged = units.summarize(layout, {u["unit"]: u["split"] for u in read_units(layout.plan)})
     for split in ("commercial", "noncommercial"):
-        split_units = [u["unit"] for u in plan_units if u["split"] == split]
-        samples[split] = units.merge_split_index(layout.output, split, split_units)
-    for marker in markers.values():
-        licenses.update(marker["licenses"])
-        excluded.update(
-            {f"fetch:{outcome}": n for outcome, n in marker["outcomes"].items() if outcome != "ok"}
-        )
+        merged["samples"].setdefault(split, 0)
+    excluded = Counter(plan["excluded"])
+    excluded.update({f"fetch:{outcome}": n for outcome, n in merged.pop("failed").items()})
     result = {
-        "samples": samples,
-        "licenses": dict(sorted(licenses.items())),
+        **merged,
         "excluded": dict(sorted(excluded.items())),
-        "units": len(plan_units),
-        "outputs": {split: layout.output.url(split) for split, n in samples.items() if n},
-        "planned": {"commercial": summary["commercial"], "noncommercial": summary["noncommercial"]},
-        "malformed": summary["malformed"],
+        "planned": {"commercial": plan["commercial"], "noncommercial": plan["noncommercial"]},
+        "malformed": plan["malformed"],
     }
     layout.output.write_text("summary.json", json.dumps(result, indent=1))
     return result

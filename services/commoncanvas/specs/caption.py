@@ -1,0 +1,99 @@
+"""CaptionJob: BLIP-2 synthetic captions for every image of a ScrapeJob's catalog, sharded on GPUs."""
+
+from __future__ import annotations
+
+from typing import Literal, cast
+
+from pydantic import ConfigDict, Field, model_validator
+
+from commoncanvas.specs.common import CommonStatus, KubeModel, ObjectMeta
+
+SplitName = Literal["commercial", "noncommercial"]
+
+
+class CaptionInput(KubeModel):
+    # The API server enforces what the model validator below enforces locally.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.scrapeJobRef) != (has(self.uris) && size(self.uris) > 0)",
+                    "message": "give exactly one of input.scrapeJobRef or input.uris",
+                }
+            ]
+        }
+    )
+
+    scrape_job_ref: str | None = Field(
+        None, description="Name of a ScrapeJob in the same namespace whose catalog to caption"
+    )
+    uris: list[str] = Field(
+        default_factory=list, description="Catalog roots (local or s3://) holding {split}/index.json"
+    )
+    splits: list[SplitName] = Field(
+        default_factory=lambda: cast(list[SplitName], ["commercial", "noncommercial"]),
+        min_length=1,
+        description="Splits to caption",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CaptionInput:
+        if bool(self.scrape_job_ref) == bool(self.uris):
+            raise ValueError("give exactly one of input.scrapeJobRef or input.uris")
+        return self
+
+
+class CaptionModel(KubeModel):
+    source: str = Field(
+        "Salesforce/blip2-opt-2.7b",
+        min_length=1,
+        description="Local directory, s3:// prefix, or hub id of a Blip2ForConditionalGeneration",
+    )
+    revision: str | None = Field(None, description="Hub revision (ignored for local and s3 sources)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
+
+
+class Decoding(KubeModel):
+    num_beams: int = Field(1, ge=1, le=16, description="1 = greedy")
+    max_new_tokens: int = Field(30, ge=1, le=512)
+    min_new_tokens: int = Field(0, ge=0, le=512)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=10.0)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=16, description="0 = off")
+
+
+class CaptionOutput(KubeModel):
+    uri: str = Field(min_length=1, description="Output root: a local path or s3://bucket/prefix")
+
+
+class CaptionJobSpec(KubeModel):
+    input: CaptionInput
+    output: CaptionOutput
+    model: CaptionModel = Field(default_factory=lambda: CaptionModel())
+    prompt: str = Field("", description="Text prompt before the caption; removed from the output caption")
+    decoding: Decoding = Field(default_factory=lambda: Decoding())
+    image_size: int = Field(512, ge=16, le=2048, description="Captioner input: center crop resized to this")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per generate() call (halved on OOM)")
+    loader_workers: int = Field(4, ge=0, le=64, description="DataLoader processes decoding images")
+    shards_per_unit: int = Field(1, ge=1, le=10_000, description="Input shards per work unit")
+    parallelism: int = Field(1, ge=1, le=10_000, description="Pods (units) running at once")
+    gpus_per_pod: int = Field(1, ge=0, le=16)
+    node_pool: str = Field("a100", description="Node pool from the chart's values to run on")
+
+
+class CaptionJobStatus(CommonStatus):
+    captions: dict[str, int] = Field(default_factory=dict, description="Captioned samples per split")
+    excluded: dict[str, int] = Field(default_factory=dict, description="Samples dropped, by reason")
+    images_per_second: float = 0
+    outputs: dict[str, str] = Field(default_factory=dict, description="Split -> dataset URI")
+
+
+class CaptionJob(KubeModel):
+    """A CaptionJob custom resource."""
+
+    api_version: Literal["commoncanvas.dev/v1alpha1"] = "commoncanvas.dev/v1alpha1"
+    kind: Literal["CaptionJob"] = "CaptionJob"
+    metadata: ObjectMeta
+    spec: CaptionJobSpec
+    status: CaptionJobStatus | None = None
