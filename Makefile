@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@test -x $(CACHE)/uv-$(UV_VERSION)/bin/uv || { $(PYTHON) -m venv $(CACHE)/uv-$(UV_VERSION) && \
 	  $(CACHE)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION); }
 	$(CACHE)/uv-$(UV_VERSION)/bin/uv venv -q --python $(PYTHON) --allow-existing $(VENV)
-	$(CACHE)/uv-$(UV_VERSION)/bin/uv pip install -q --python $(PY) -e '.[test,bench]'
+	$(CACHE)/uv-$(UV_VERSION)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[test,bench]'
 	@touch $@
 
 cluster-tools:

@@ -18,7 +18,32 @@ def _echo_json(data: object) -> None:
     click.echo(json.dumps(data, indent=None, sort_keys=False))
 
 
-@click.group()
+class _UserErrors(click.Group):
+    """Errors a person can act on print as one clear message instead of a traceback (-v keeps it)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from commoncanvas.caption.unitplan import InputMissing
+        from commoncanvas.metadata import MetadataError
+        from commoncanvas.runner import UnitsFailed
+        from commoncanvas.storage import StorageError
+
+        try:
+            return super().invoke(ctx)
+        except (
+            SpecError,
+            MetadataError,
+            UnitsFailed,
+            InputMissing,
+            StorageError,
+            LookupError,
+            FileNotFoundError,
+        ) as exc:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_UserErrors)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """CommonCanvas: CC-licensed images -> captions -> a text-to-image model."""
@@ -34,13 +59,10 @@ def main(verbose: bool) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 def run(file: Path, no_progress: bool) -> None:
     """Run the custom resources in FILE on this machine and print a JSON summary per resource."""
-    from commoncanvas.runner import UnitsFailed, run_file
+    from commoncanvas.runner import run_file
 
-    try:
-        for summary in run_file(file, show_progress=not no_progress):
-            _echo_json(summary)
-    except (SpecError, UnitsFailed, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    for summary in run_file(file, show_progress=not no_progress):
+        _echo_json(summary)
 
 
 @main.group()
@@ -88,31 +110,73 @@ def _load_one(file: Path, kind: str) -> Any:
     return found[0]
 
 
+def _unit_index(unit: int | None) -> int:
+    if unit is not None:
+        return unit
+    if "JOB_COMPLETION_INDEX" not in os.environ:
+        raise click.ClickException("give --unit N or set JOB_COMPLETION_INDEX")
+    return int(os.environ["JOB_COMPLETION_INDEX"])
+
+
+_FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+_UNIT = click.option("--unit", type=int, default=None, help="Unit index (default: $JOB_COMPLETION_INDEX)")
+_METRICS_PORT = click.option(
+    "--metrics-port",
+    type=int,
+    default=lambda: int(os.environ.get("METRICS_PORT", "0")),
+    help="Serve Prometheus metrics on this port (default: $METRICS_PORT, 0 = off)",
+)
+
+
 @scrape.command("unit")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--unit", type=int, default=None, help="Unit index (default: $JOB_COMPLETION_INDEX)")
-@click.option("--metrics-port", type=int, default=lambda: int(os.environ.get("METRICS_PORT", "0")))
+@_FILE
+@_UNIT
+@_METRICS_PORT
 def scrape_unit(file: Path, unit: int | None, metrics_port: int) -> None:
     """Run one work unit of the ScrapeJob in FILE (what a pod of the Indexed Job runs)."""
     from commoncanvas import metrics
     from commoncanvas.scrape.worker import run_unit
 
-    if unit is None:
-        if "JOB_COMPLETION_INDEX" not in os.environ:
-            raise click.ClickException("give --unit N or set JOB_COMPLETION_INDEX")
-        unit = int(os.environ["JOB_COMPLETION_INDEX"])
     metrics.serve(metrics_port)
-    stats = run_unit(_load_one(file, "ScrapeJob").spec, unit)
+    stats = run_unit(_load_one(file, "ScrapeJob").spec, _unit_index(unit))
     _echo_json({k: v for k, v in stats.items() if k != "failures"})
 
 
 @scrape.command("finalize")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_FILE
 def scrape_finalize(file: Path) -> None:
     """Merge the finished units' indexes and print the job summary."""
     from commoncanvas.scrape.worker import finalize
 
     _echo_json(finalize(_load_one(file, "ScrapeJob").spec))
+
+
+@main.group()
+def caption() -> None:
+    """The CaptionJob stage, step by step."""
+
+
+@caption.command("unit")
+@_FILE
+@_UNIT
+@_METRICS_PORT
+def caption_unit(file: Path, unit: int | None, metrics_port: int) -> None:
+    """Caption one work unit of the CaptionJob in FILE (input.uris must be resolved)."""
+    from commoncanvas import metrics
+    from commoncanvas.caption.worker import run_unit
+
+    metrics.serve(metrics_port)
+    stats = run_unit(_load_one(file, "CaptionJob").spec, _unit_index(unit))
+    _echo_json({k: v for k, v in stats.items() if k != "failures"})
+
+
+@caption.command("finalize")
+@_FILE
+def caption_finalize(file: Path) -> None:
+    """Merge the finished units' indexes and print the job summary."""
+    from commoncanvas.caption.worker import finalize
+
+    _echo_json(finalize(_load_one(file, "CaptionJob").spec))
 
 
 @main.command()
@@ -128,6 +192,22 @@ def crds(output: Path) -> None:
 
     for path in write_crds(output):
         click.echo(str(path))
+
+
+@main.group()
+def models() -> None:
+    """Model weights: tiny random-weight models for the demo and tests."""
+
+
+@models.command("tiny")
+@click.option("--kind", type=click.Choice(["blip2", "sd2"]), required=True, help="Which tiny model")
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights")
+def models_tiny(kind: str, output: Path, seed: int) -> None:
+    """Write a tiny random-weight BLIP-2 captioner or SD2 pipeline (save_pretrained layout, no download)."""
+    from commoncanvas.models import TINY_WRITERS
+
+    click.echo(str(TINY_WRITERS[kind](output, seed=seed)))
 
 
 if __name__ == "__main__":

@@ -27,24 +27,6 @@ from commoncanvas.specs import ScrapeJob
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def s3_env(minio: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    env = {**minio.env(), "COMMONCANVAS_S3_MAX_ATTEMPTS": "2", "COMMONCANVAS_S3_CONNECT_TIMEOUT": "1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    storage.s3_client.cache_clear()
-    yield env
-    storage.s3_client.cache_clear()
-
-
-@pytest.fixture
-def served_sample(tmp_path: Path) -> Iterator[tuple[Sample, LocalHTTPServer]]:
-    www = tmp_path / "sample"
-    www.mkdir()
-    with LocalHTTPServer(root=www / "www", latency=0.05) as server:
-        yield build_sample(www, server.base_url), server
-
-
 def make_job(sample: Sample, server: LocalHTTPServer, output: str, **fetch: Any) -> ScrapeJob:
     return ScrapeJob.model_validate(
         {

@@ -144,9 +144,9 @@ def load_captioner(spec: CaptionJobSpec, cache_dir: Path) -> Captioner:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = pick_dtype(spec.model.dtype, device)
     location = resolve_model_dir(spec.model.source, spec.model.revision, cache_dir)
-    processor = Blip2Processor.from_pretrained(location, revision=spec.model.revision or "main")
+    processor = Blip2Processor.from_pretrained(location, revision=spec.model.revision or "main", use_fast=True)
     model = Blip2ForConditionalGeneration.from_pretrained(
-        location, revision=spec.model.revision or "main", torch_dtype=dtype, attn_implementation="sdpa"
+        location, revision=spec.model.revision or "main", dtype=dtype
     )
     model.to(device).eval()
     decoding = spec.decoding
@@ -291,6 +291,7 @@ def finalize(spec: CaptionJobSpec, resolve_ref: Callable[[str], str] | None = No
     layout = CaptionLayout.at(spec.output.uri)
     plan = ensure_caption_plan(spec, layout, resolve_ref)
     merged = units.summarize(layout, {u.unit: u.split for u in read_caption_units(plan)})
-    result = {**merged, "excluded": merged.pop("failed"), "captions": merged["samples"]}
+    excluded = merged.pop("failed")
+    result = {**merged, "excluded": excluded, "captions": merged["samples"]}
     layout.output.write_text("summary.json", json.dumps(result, indent=1))
     return result

@@ -1,0 +1,247 @@
+"""CaptionJob with a tiny random-weight BLIP-2 on CPU, over real shards in MinIO and on disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from streaming import MDSWriter, StreamingDataset
+
+from commoncanvas import units
+from commoncanvas.caption import worker
+from commoncanvas.caption.unitplan import InputMissing
+from commoncanvas.runner import LocalRun, run_file
+from commoncanvas.sample import Sample, synthetic_jpeg, url_templates
+from commoncanvas.sample.server import LocalHTTPServer
+from commoncanvas.scrape.worker import CATALOG_COLUMNS
+from commoncanvas.specs import CaptionJob, ScrapeJob
+
+pytestmark = pytest.mark.integration
+LICENSE_COLUMNS = (
+    "photo_id",
+    "license_code",
+    "license_name",
+    "license_url",
+    "author",
+    "author_nsid",
+    "page_url",
+)
+
+
+def caption_job(source: str, output: str, model: Path, **spec: Any) -> CaptionJob:
+    body = {
+        "input": {"uris": [source]} if "input" not in spec else spec.pop("input"),
+        "output": {"uri": output},
+        "model": {"source": str(model)},
+        "prompt": "a photo of",
+        "decoding": {"maxNewTokens": 8, "minNewTokens": 3, "noRepeatNgramSize": 2},
+        "batchSize": 4,
+        "loaderWorkers": 1,
+        "parallelism": 2,
+        **spec,
+    }
+    return CaptionJob.model_validate({"metadata": {"name": "test-caption"}, "spec": body})
+
+
+def read_split(uri: str, cache: Path) -> list[dict[str, Any]]:
+    remote, local = (uri, str(cache)) if uri.startswith("s3://") else (None, uri)
+    dataset = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def scrape_to(sample: Sample, server: LocalHTTPServer, output: str) -> dict[str, Any]:
+    job = ScrapeJob.model_validate(
+        {
+            "metadata": {"name": "catalog"},
+            "spec": {
+                "source": {"uri": str(sample.metadata)},
+                "output": {"uri": output},
+                "fetch": {**url_templates(server.base_url), "retries": 0},
+                "unitSize": 5,
+                "parallelism": 2,
+            },
+        }
+    )
+    return LocalRun(show_progress=False).scrape(job)
+
+
+def test_captions_every_good_sample_through_minio_keeping_license_columns(
+    minio: Any,
+    s3_env: dict[str, str],
+    served_sample: tuple[Sample, LocalHTTPServer],
+    tiny_blip2: Path,
+    tmp_path: Path,
+) -> None:
+    sample, server = served_sample
+    minio.make_bucket("pipeline")
+    scrape_to(sample, server, "s3://pipeline/catalog")
+    summary = LocalRun(show_progress=False).caption(
+        caption_job("s3://pipeline/catalog", "s3://pipeline/captions", tiny_blip2)
+    )
+    for split in ("commercial", "noncommercial"):
+        catalog = {
+            int(r["photo_id"]): r
+            for r in read_split(f"s3://pipeline/catalog/{split}", tmp_path / "c" / split)
+        }
+        captioned = read_split(f"s3://pipeline/captions/{split}", tmp_path / "o" / split)
+        assert sorted(int(r["photo_id"]) for r in captioned) == sorted(catalog), (
+            f"{split}: samples lost or added"
+        )
+        assert summary["captions"][split] == len(catalog)
+        for row in captioned:
+            source = catalog[int(row["photo_id"])]
+            assert {c: row[c] for c in LICENSE_COLUMNS} == {c: source[c] for c in LICENSE_COLUMNS}
+            assert row["image"] == source["image"], "the original image bytes must pass through untouched"
+            assert row["caption"].strip() and row["caption"] == " ".join(row["caption"].split())
+            assert not row["caption"].lower().startswith("a photo of")
+            assert (row["caption_model"], row["caption_prompt"]) == (str(tiny_blip2), "a photo of")
+
+
+def write_catalog(root: Path, images: list[bytes]) -> None:
+    with MDSWriter(out=str(root / "commercial"), columns=CATALOG_COLUMNS) as writer:
+        for number, image in enumerate(images):
+            writer.write(
+                {
+                    "image": image,
+                    "photo_id": 100 + number,
+                    "split": "commercial",
+                    "license_code": "cc0",
+                    "license_name": "Public Domain Dedication (CC0)",
+                    "license_url": "https://creativecommons.org/publicdomain/zero/1.0/",
+                    "author": f"author {number}",
+                    "author_nsid": f"{number}@N00",
+                    "title": "",
+                    "tags": [],
+                    "page_url": f"https://x/{number}",
+                    "fetched_url": f"https://x/{number}.jpg",
+                    "width": 320,
+                    "height": 240,
+                    "sha256": "",
+                }
+            )
+    # An empty NC split, written the way a finished ScrapeJob writes one.
+    (root / "noncommercial").mkdir(parents=True)
+    (root / "noncommercial" / "index.json").write_text('{"version": 2, "shards": []}')
+
+
+def test_a_corrupt_image_in_an_input_shard_is_excluded_with_its_reason(
+    tiny_blip2: Path, tmp_path: Path
+) -> None:
+    images = [synthetic_jpeg(n, (320, 240)) for n in range(5)]
+    images[2] = images[2][:200]  # truncated JPEG inside an otherwise valid shard
+    write_catalog(tmp_path / "catalog", images)
+    job = caption_job(
+        str(tmp_path / "catalog"),
+        str(tmp_path / "captions"),
+        tiny_blip2,
+        input={"uris": [str(tmp_path / "catalog")], "splits": ["commercial"]},
+    )
+    summary = LocalRun(show_progress=False).caption(job)
+    assert summary["excluded"] == {"corrupt-image": 1}
+    ids = sorted(int(r["photo_id"]) for r in read_split(str(tmp_path / "captions" / "commercial"), tmp_path))
+    assert ids == [100, 101, 103, 104]
+    (marker,) = units.read_markers(units.StageLayout.at(str(tmp_path / "captions")).output).values()
+    assert marker["failures"][0]["photo_id"] == 102 and "corrupt-image" in marker["failures"][0]["detail"]
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_loses_nothing(
+    tiny_blip2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import Blip2ForConditionalGeneration
+
+    write_catalog(tmp_path / "catalog", [synthetic_jpeg(n, (320, 240)) for n in range(6)])
+    real_generate = Blip2ForConditionalGeneration.generate
+    calls: list[int] = []
+
+    def generate_with_little_memory(self: Any, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        calls.append(pixel_values.shape[0])
+        if pixel_values.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+        return real_generate(self, pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(Blip2ForConditionalGeneration, "generate", generate_with_little_memory)
+    job = caption_job(
+        str(tmp_path / "catalog"),
+        str(tmp_path / "captions"),
+        tiny_blip2,
+        input={"uris": [str(tmp_path / "catalog")], "splits": ["commercial"]},
+        batchSize=4,
+        loaderWorkers=0,
+    )
+    stats = worker.run_unit(job.spec, 0)  # in this process, so the injected failure applies
+    assert stats["written"] == 6 and stats["outcomes"] == {"ok": 6}
+    assert stats["oom_backoffs"] == 2 and stats["final_micro_batch"] == 1
+    assert calls[:3] == [4, 2, 1], "the batch must be halved on each out-of-memory error"
+
+
+def test_killed_caption_worker_then_rerun_gives_every_sample_exactly_once(
+    tiny_blip2: Path, tmp_path: Path
+) -> None:
+    write_catalog(tmp_path / "catalog", [synthetic_jpeg(n, (320, 240)) for n in range(12)])
+    job = caption_job(
+        str(tmp_path / "catalog"),
+        str(tmp_path / "captions"),
+        tiny_blip2,
+        input={"uris": [str(tmp_path / "catalog")], "splits": ["commercial"]},
+        batchSize=1,
+        loaderWorkers=0,
+    )
+    job_file = tmp_path / "caption.yaml"
+    job_file.write_text(yaml.safe_dump(job.model_dump(by_alias=True, exclude_none=True)))
+    scratch = tmp_path / "worker-tmp"
+    scratch.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "commoncanvas.cli", "caption", "unit", str(job_file), "--unit", "0"],
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    # The worker has started reading its input once streaming has fetched the shard.
+    deadline = time.monotonic() + 240
+    while not list(scratch.glob("commoncanvas-caption-*/input/*.mds")) and time.monotonic() < deadline:
+        assert process.poll() is None, "the worker exited before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    layout = units.StageLayout.at(str(tmp_path / "captions"))
+    assert not units.is_done(layout.output, 0)
+    layout.output.write_bytes(
+        f"{units.unit_dir('commercial', 0)}/shard.00000.mds", b"debris of the killed try"
+    )
+
+    LocalRun(show_progress=False).caption(job)
+    ids = [int(r["photo_id"]) for r in read_split(str(tmp_path / "captions" / "commercial"), tmp_path)]
+    assert sorted(ids) == list(range(100, 112))
+
+
+def test_a_caption_job_whose_scrape_output_is_missing_fails_clearly(tiny_blip2: Path, tmp_path: Path) -> None:
+    job = caption_job(str(tmp_path / "never-scraped"), str(tmp_path / "captions"), tiny_blip2)
+    with pytest.raises(InputMissing, match="never-scraped/commercial/index.json does not exist"):
+        LocalRun(show_progress=False).caption(job)
+
+
+def test_a_caption_job_referencing_an_unfinished_scrape_job_names_it(
+    tiny_blip2: Path, tmp_path: Path
+) -> None:
+    scrape = {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "ScrapeJob",
+        "metadata": {"name": "photos"},
+        "spec": {"source": {"uri": str(tmp_path / "m.tsv")}, "output": {"uri": str(tmp_path / "catalog")}},
+    }
+    caption = caption_job("", str(tmp_path / "captions"), tiny_blip2, input={"scrapeJobRef": "photos"})
+    pipeline = tmp_path / "pipeline.yaml"
+    caption_doc = {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        **caption.model_dump(by_alias=True, exclude_none=True),
+    }
+    # The CaptionJob comes first, so its ScrapeJob has not run when it starts.
+    pipeline.write_text(yaml.safe_dump_all([caption_doc, scrape]))
+    with pytest.raises(LookupError, match="references ScrapeJob 'photos'"):
+        run_file(pipeline, show_progress=False)
