@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -88,11 +89,12 @@ class KubeApi:
         headers = {"Accept": "application/json"}
         if credentials.token:
             headers["Authorization"] = f"Bearer {credentials.token}"
-        cert = (credentials.cert_file, credentials.key_file) if credentials.cert_file else None
+        tls = ssl.create_default_context(cafile=credentials.ca_file)
+        if credentials.cert_file:
+            tls.load_cert_chain(credentials.cert_file, credentials.key_file)
         self._client = httpx.Client(
             base_url=credentials.server,
-            verify=credentials.ca_file,
-            cert=cert,  # type: ignore[arg-type]
+            verify=tls,
             headers=headers,
             timeout=timeout,
         )
@@ -161,12 +163,16 @@ class KubeApi:
                 return {}
             raise
 
-    def update_with_retry(self, path: str, mutate: Callable[[Obj], bool], attempts: int = 10) -> Obj | None:
-        """GET, mutate in place, PUT; retried on conflicts. ``mutate`` returns False to skip the write.
+    def update_with_retry(
+        self, path: str, mutate: Callable[[Obj], bool], subresource: str = "", attempts: int = 10
+    ) -> Obj | None:
+        """GET, mutate in place, PUT (to ``path/subresource``); retried on conflicts.
 
-        Used for status lists (conditions, containerStatuses) that a merge patch would replace whole.
-        Returns None when the object is gone.
+        ``mutate`` returns False to skip the write. Used for status lists (conditions,
+        containerStatuses) that a merge patch would replace whole. Returns None when the object is gone.
+        The object is read from ``path`` itself: a node may GET its pods but not their status.
         """
+        write_path = f"{path}/{subresource}" if subresource else path
         for _ in range(attempts):
             current = self.get_or_none(path)
             if current is None:
@@ -174,7 +180,7 @@ class KubeApi:
             if not mutate(current):
                 return current
             try:
-                return self.replace(path, current)
+                return self.replace(write_path, current)
             except ApiError as error:
                 if error.status_code == 409:
                     continue
@@ -219,7 +225,9 @@ class KubeApi:
                 return last
             if time.monotonic() > deadline:
                 state = json.dumps(last.get("status") if last else None, indent=1)[:3000]
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {description}; status: {state}")
+                raise TimeoutError(
+                    f"timed out after {timeout:.0f}s waiting for {description}; status: {state}"
+                )
             time.sleep(interval)
 
 

@@ -68,25 +68,34 @@ phase: Running
 startTime: {{ $now | Quote }}
 """
 
-# Ready/ContainersReady turn False when the containers end, as a kubelet reports it.
+# Ready/ContainersReady turn False when the containers end, as a kubelet reports it. Every condition
+# is written out because kwok may send a merge patch, which replaces the list whole.
 _TERMINATED_STATUS = """\
 {{{{ $now := Now }}}}
-{{{{ $root := . }}}}
 conditions:
 {{{{ range .status.conditions }}}}
+- type: {{{{ .type | Quote }}}}
 {{{{ if or (eq .type "Ready") (eq .type "ContainersReady") }}}}
-- lastTransitionTime: {{{{ $now | Quote }}}}
   status: "False"
   reason: PodCompleted
-  type: {{{{ .type | Quote }}}}
+  lastTransitionTime: {{{{ $now | Quote }}}}
 {{{{ else }}}}
-- {{{{ YAML . 1 }}}}
+  status: {{{{ .status | Quote }}}}
+{{{{ with .reason }}}}
+  reason: {{{{ . | Quote }}}}
+{{{{ end }}}}
+{{{{ with .message }}}}
+  message: {{{{ . | Quote }}}}
+{{{{ end }}}}
+{{{{ with .lastTransitionTime }}}}
+  lastTransitionTime: {{{{ . | Quote }}}}
+{{{{ end }}}}
 {{{{ end }}}}
 {{{{ end }}}}
 containerStatuses:
-{{{{ range $index, $item := .spec.containers }}}}
-- image: {{{{ $item.image | Quote }}}}
-  name: {{{{ $item.name | Quote }}}}
+{{{{ range .spec.containers }}}}
+- image: {{{{ .image | Quote }}}}
+  name: {{{{ .name | Quote }}}}
   ready: false
   restartCount: 0
   started: false
@@ -124,9 +133,14 @@ def pod_stages(run_seconds: float) -> list[dict[str, Any]]:
         }
         if delay is not None:
             spec["delay"] = _delay(delay)
-        return {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Stage", "metadata": {"name": name}, "spec": spec}
+        return {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "Stage",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
 
-    fail_exit_code = f'{{{{ or (index .metadata.annotations "{EXIT_CODE_ANNOTATION}") 1 }}}}'
+    fail_exit_code = f'{{{{ or (index $.metadata.annotations "{EXIT_CODE_ANNOTATION}") 1 }}}}'
     return [
         stage(
             "pod-ready",
@@ -159,17 +173,41 @@ def pod_stages(run_seconds: float) -> list[dict[str, Any]]:
             {
                 "matchExpressions": [
                     *_not_deleted_and_running(),
-                    {"key": f'.metadata.annotations["{FAIL_ANNOTATION}"]', "operator": "In", "values": ["true"]},
+                    {
+                        "key": f'.metadata.annotations["{FAIL_ANNOTATION}"]',
+                        "operator": "In",
+                        "values": ["true"],
+                    },
                 ]
             },
-            {"statusTemplate": _TERMINATED_STATUS.format(exit_code=fail_exit_code, reason="Error", phase="Failed")},
+            {
+                "statusTemplate": _TERMINATED_STATUS.format(
+                    exit_code=fail_exit_code, reason="Error", phase="Failed"
+                )
+            },
             delay=run_seconds,
         ),
-        # A deleted pod on a fake node goes away at once, as if its kubelet confirmed the kill.
+        # A deleted pod on a fake node ends as a kubelet ends it: containers killed (Failed, 137),
+        # then the pod object is deleted with grace 0. Finalizers stay: the Job controller owns its own.
+        stage(
+            "pod-terminate",
+            {
+                "matchExpressions": [
+                    {"key": ".metadata.deletionTimestamp", "operator": "Exists"},
+                    {"key": ".status.phase", "operator": "NotIn", "values": ["Succeeded", "Failed"]},
+                ]
+            },
+            {"statusTemplate": _TERMINATED_STATUS.format(exit_code=137, reason="Error", phase="Failed")},
+        ),
         stage(
             "pod-delete",
-            {"matchExpressions": [{"key": ".metadata.deletionTimestamp", "operator": "Exists"}]},
-            {"finalizers": {"empty": True}, "delete": True},
+            {
+                "matchExpressions": [
+                    {"key": ".metadata.deletionTimestamp", "operator": "Exists"},
+                    {"key": ".status.phase", "operator": "In", "values": ["Succeeded", "Failed"]},
+                ]
+            },
+            {"delete": True},
         ),
     ]
 

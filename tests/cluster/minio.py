@@ -6,6 +6,7 @@ outage and its recovery.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -118,10 +119,8 @@ class MinioServer:
 
     def make_bucket(self, name: str) -> None:
         client = self.client()
-        try:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
 
     def __enter__(self) -> MinioServer:
         self.start()

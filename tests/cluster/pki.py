@@ -135,7 +135,12 @@ class CertificateAuthority:
         return pair
 
 
-def write_signing_key(path: Path) -> Path:
-    """The service-account token signing key (ES256); the API server derives the public half."""
-    _write_key(ec.generate_private_key(ec.SECP256R1()), path)
-    return path
+def write_signing_key(private_path: Path, public_path: Path) -> None:
+    """The service-account token signing key pair (ES256): the private half signs, the public verifies."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_key(key, private_path)
+    public_path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )

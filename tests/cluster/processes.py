@@ -6,6 +6,7 @@ its output goes to a log file that a failing test can show.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -81,7 +82,7 @@ class ManagedProcess:
                 env=dict(self.env) if self.env is not None else None,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         self.pid = self.popen.pid
 
@@ -140,10 +141,8 @@ def stop_process_group(pid: int, grace: float = 10.0) -> None:
         else:
             continue
         # The leader is gone; make sure stragglers of its group are too.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return
 
 

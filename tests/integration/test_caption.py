@@ -222,7 +222,7 @@ def test_killed_caption_worker_then_rerun_gives_every_sample_exactly_once(
 
 def test_a_caption_job_whose_scrape_output_is_missing_fails_clearly(tiny_blip2: Path, tmp_path: Path) -> None:
     job = caption_job(str(tmp_path / "never-scraped"), str(tmp_path / "captions"), tiny_blip2)
-    with pytest.raises(InputMissing, match="never-scraped/commercial/index.json does not exist"):
+    with pytest.raises(InputMissing, match=r"never-scraped/commercial/index\.json does not exist"):
         LocalRun(show_progress=False).caption(job)
 
 

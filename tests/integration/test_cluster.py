@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
-
+from botocore.exceptions import EndpointConnectionError
 from tests.cluster.harness import A100_POOL, GPU_RESOURCE, LOCAL_POOL, LocalCluster
 from tests.cluster.kubeapi import ApiError, Obj, condition
+from tests.cluster.kwok_stages import EXIT_CODE_ANNOTATION, FAIL_ANNOTATION, RUN_DURATION_ANNOTATION
 from tests.cluster.minio import MinioServer
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,8 @@ def indexed_job(name: str, *, completions: int, tolerate_gpu_taint: bool = True)
 
 def job_pods(cluster: LocalCluster, namespace: str, job: str) -> list[Obj]:
     pods = cluster.api.get(
-        f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": f"batch.kubernetes.io/job-name={job}"}
+        f"/api/v1/namespaces/{namespace}/pods",
+        params={"labelSelector": f"batch.kubernetes.io/job-name={job}"},
     )
     items: list[Obj] = pods["items"]
     return items
@@ -62,7 +64,9 @@ def condition_true(condition_type: str) -> Any:
     return lambda obj: (condition(obj, condition_type) or {}).get("status") == "True"
 
 
-def test_indexed_gpu_job_is_scheduled_on_a100_nodes_and_completes(cluster: LocalCluster, namespace: str) -> None:
+def test_indexed_gpu_job_is_scheduled_on_a100_nodes_and_completes(
+    cluster: LocalCluster, namespace: str
+) -> None:
     cluster.api.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", indexed_job("caption", completions=3))
 
     cluster.api.wait_for(
@@ -83,7 +87,8 @@ def test_gpu_job_without_the_toleration_stays_unschedulable(cluster: LocalCluste
 
     def unschedulable(pod_list: Obj) -> bool:
         return any(
-            (condition(pod, "PodScheduled") or {}).get("reason") == "Unschedulable" for pod in pod_list["items"]
+            (condition(pod, "PodScheduled") or {}).get("reason") == "Unschedulable"
+            for pod in pod_list["items"]
         )
 
     pod_list = cluster.api.wait_for(
@@ -99,6 +104,65 @@ def test_gpu_job_without_the_toleration_stays_unschedulable(cluster: LocalCluste
     # the A100 nodes are the ones that match the selector, so the taint is theirs.
     assert "untolerated taint" in scheduled["message"]
     assert "nodeName" not in pod["spec"]
+
+
+def test_annotated_pod_fails_with_the_exit_code_it_asks_for(cluster: LocalCluster, namespace: str) -> None:
+    job = indexed_job("fails", completions=1)
+    job["spec"]["template"]["metadata"] = {
+        "annotations": {FAIL_ANNOTATION: "true", EXIT_CODE_ANNOTATION: "42"}
+    }
+    cluster.api.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", job)
+
+    cluster.api.wait_for(
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/fails", condition_true("Failed"), 60, "Job Failed"
+    )
+    [pod] = job_pods(cluster, namespace, "fails")
+    assert pod["status"]["phase"] == "Failed"
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 42
+
+
+def test_lost_node_pod_is_replaced_when_disruptions_are_ignored(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    job = indexed_job("survivor", completions=1)
+    job["spec"]["template"]["metadata"] = {"annotations": {RUN_DURATION_ANNOTATION: "600s"}}
+    job["spec"]["podFailurePolicy"] = {
+        "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+    }
+    spare = cluster.create_node(f"a100-spare-{namespace}", A100_POOL)["metadata"]["name"]
+    jobs_path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    pods_path = f"/api/v1/namespaces/{namespace}/pods?labelSelector=batch.kubernetes.io/job-name%3Dsurvivor"
+    lost: str | None = None
+    try:
+        cluster.api.create(jobs_path, job)
+        running = cluster.api.wait_for(
+            pods_path,
+            lambda pods: any(p.get("status", {}).get("phase") == "Running" for p in pods["items"]),
+            60,
+            "the first pod Running",
+        )["items"][0]
+        lost = running["spec"]["nodeName"]
+
+        cluster.delete_node(running["spec"]["nodeName"], gc_pods_now=True)
+
+        def replaced(pods: Obj) -> bool:
+            return any(
+                p["metadata"]["uid"] != running["metadata"]["uid"]
+                and p.get("status", {}).get("phase") == "Running"
+                for p in pods["items"]
+            )
+
+        cluster.api.wait_for(pods_path, replaced, 60, "a replacement pod Running on another node")
+        survivor = cluster.api.get(f"{jobs_path}/survivor")
+        assert survivor["status"].get("failed", 0) == 0
+        assert condition(survivor, "Failed") is None
+    finally:
+        # Leave the A100 pool as the other tests expect it: no pods left, the spare gone, the lost back.
+        cluster.api.delete(f"{jobs_path}/survivor", body={"propagationPolicy": "Background"})
+        cluster.api.wait_for(pods_path, lambda pods: not pods["items"], 60, "the Job's pods gone")
+        cluster.delete_node(spare)
+        if lost is not None and lost != spare:
+            cluster.create_node(lost, A100_POOL)
 
 
 def local_pod(name: str, script: str, env: list[Obj]) -> Obj:
@@ -117,10 +181,17 @@ def local_pod(name: str, script: str, env: list[Obj]) -> Obj:
     }
 
 
-def test_local_pool_pod_runs_its_command_and_reports_the_exit_code(cluster: LocalCluster, namespace: str) -> None:
+def test_local_pool_pod_runs_its_command_and_reports_the_exit_code(
+    cluster: LocalCluster, namespace: str
+) -> None:
     cluster.api.create(
         f"/api/v1/namespaces/{namespace}/secrets",
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"key": "s3cr3t"}},
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "creds"},
+            "stringData": {"key": "s3cr3t"},
+        },
     )
     script = (
         "import os, pathlib\n"
@@ -128,7 +199,7 @@ def test_local_pool_pod_runs_its_command_and_reports_the_exit_code(cluster: Loca
         "print('hello from', os.environ['POD_NAME'], os.environ['ARGS_SEEN'])\n"
         "raise SystemExit(3)\n"
     )
-    env = [
+    env: list[Obj] = [
         {"name": "GREETING", "value": "hi"},
         {"name": "ARGS_SEEN", "value": "$(GREETING)-expanded"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -152,10 +223,35 @@ def test_local_pool_pod_runs_its_command_and_reports_the_exit_code(cluster: Loca
     assert written.read_text() == "hi s3cr3t"
 
 
+def test_local_pod_acts_as_its_service_account(cluster: LocalCluster, namespace: str) -> None:
+    kubectl = str(cluster.bin_dir / "kubectl")
+    pod = local_pod("whoami", "", [])
+    pod["spec"]["containers"][0]["command"] = [
+        kubectl,
+        "auth",
+        "whoami",
+        "-o=jsonpath={.status.userInfo.username}",
+    ]
+    pod["spec"]["containers"][0]["args"] = []
+    cluster.api.create(f"/api/v1/namespaces/{namespace}/pods", pod)
+
+    finished = cluster.api.wait_for(
+        f"/api/v1/namespaces/{namespace}/pods/whoami",
+        lambda p: p.get("status", {}).get("phase") in ("Succeeded", "Failed"),
+        60,
+        "the local pod to finish",
+    )
+
+    assert finished["status"]["phase"] == "Succeeded", cluster.pod_log(namespace, "whoami")
+    assert cluster.pod_log(namespace, "whoami").strip() == f"system:serviceaccount:{namespace}:default"
+
+
 def test_indexed_job_on_the_local_pool_runs_each_index(cluster: LocalCluster, namespace: str) -> None:
     marker_dir = cluster.state_dir / "markers" / namespace
     marker_dir.mkdir(parents=True)
-    script = f"import os, pathlib; pathlib.Path({str(marker_dir)!r}, os.environ['JOB_COMPLETION_INDEX']).touch()"
+    script = (
+        f"import os, pathlib; pathlib.Path({str(marker_dir)!r}, os.environ['JOB_COMPLETION_INDEX']).touch()"
+    )
     pod = local_pod("unused", script, [])
     job = {
         "apiVersion": "batch/v1",
@@ -171,7 +267,10 @@ def test_indexed_job_on_the_local_pool_runs_each_index(cluster: LocalCluster, na
     cluster.api.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", job)
 
     cluster.api.wait_for(
-        f"/apis/batch/v1/namespaces/{namespace}/jobs/local-units", condition_true("Complete"), 90, "Job Complete"
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/local-units",
+        condition_true("Complete"),
+        90,
+        "Job Complete",
     )
     assert sorted(path.name for path in marker_dir.iterdir()) == ["0", "1", "2"]
 
@@ -179,7 +278,9 @@ def test_indexed_job_on_the_local_pool_runs_each_index(cluster: LocalCluster, na
 def _crd_documents() -> list[Obj]:
     documents: list[Obj] = []
     for path in sorted(CRD_DIR.glob("*.yaml")):
-        documents += [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "CustomResourceDefinition"]
+        documents += [
+            d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "CustomResourceDefinition"
+        ]
     return documents
 
 
@@ -217,7 +318,12 @@ def test_crds_are_accepted_and_invalid_instances_rejected(cluster: LocalCluster,
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") in kinds]
         if documents:
             cluster.kubectl(
-                "apply", "--dry-run=server", f"--namespace={namespace}", "-f", "-", input=yaml.safe_dump_all(documents)
+                "apply",
+                "--dry-run=server",
+                f"--namespace={namespace}",
+                "-f",
+                "-",
+                input=yaml.safe_dump_all(documents),
             )
 
 
@@ -226,10 +332,15 @@ def test_minio_keeps_objects_across_a_restart(minio: MinioServer, bucket: str) -
     client.put_object(Bucket=bucket, Key="units/000001.json", Body=b'{"ok": 1}')
 
     minio.stop()
-    with pytest.raises(Exception, match="Could not connect|Connection refused|Connect timeout"):
+    with pytest.raises(EndpointConnectionError):
         client.get_object(Bucket=bucket, Key="units/000001.json")
     minio.start()
 
     body = client.get_object(Bucket=bucket, Key="units/000001.json")["Body"].read()
     assert body == b'{"ok": 1}'
-    assert set(minio.env()) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "S3_ENDPOINT_URL"}
+    assert set(minio.env()) == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "S3_ENDPOINT_URL",
+    }

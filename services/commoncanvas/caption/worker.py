@@ -144,10 +144,9 @@ def load_captioner(spec: CaptionJobSpec, cache_dir: Path) -> Captioner:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = pick_dtype(spec.model.dtype, device)
     location = resolve_model_dir(spec.model.source, spec.model.revision, cache_dir)
-    processor = Blip2Processor.from_pretrained(location, revision=spec.model.revision or "main", use_fast=True)
-    model = Blip2ForConditionalGeneration.from_pretrained(
-        location, revision=spec.model.revision or "main", dtype=dtype
-    )
+    revision = spec.model.revision or "main"
+    processor = Blip2Processor.from_pretrained(location, revision=revision, use_fast=True)
+    model = Blip2ForConditionalGeneration.from_pretrained(location, revision=revision, dtype=dtype)
     model.to(device).eval()
     decoding = spec.decoding
     generate_kwargs: dict[str, Any] = {

@@ -39,6 +39,17 @@ kubernetes_ldflags() {
   echo "-s -w$flags"
 }
 
+# helm's version otherwise reads "v3.22" (its source default), without the patch release.
+helm_ldflags() {
+  local version
+  version=$(cd "$tools_dir/helm" && go list -m -f '{{.Version}}' helm.sh/helm/v3)
+  echo "-s -w -X helm.sh/helm/v3/internal/version.version=$version"
+}
+
+# Build tags per tool (part of the stamp key like the ldflags). Prometheus: only static and file
+# service discovery; the cloud SDKs behind the others double its build time and are never used here.
+prometheus_tags() { echo "remove_all_sd"; }
+
 # recipe NAME -> "binary=package ..." ; the recipe text is part of the stamp key.
 recipe() {
   case $1 in
@@ -66,9 +77,11 @@ else
 fi
 
 build_tool() {
-  local name=$1 module_dir=$tools_dir/$1 entries key stamp entry binary pkg ldflags="-s -w" started
+  local name=$1 module_dir=$tools_dir/$1 entries key stamp entry binary pkg ldflags="-s -w" tags="" started
   entries=$(recipe "$name")
-  key=$(cat "$module_dir/go.mod" "$module_dir/go.sum" <(echo "$entries v2") | sha256sum | cut -c1-16)
+  # The key covers what decides the binaries: the module pins, the packages, and the ldflags recipe.
+  key=$(cat "$module_dir/go.mod" "$module_dir/go.sum" <(echo "$entries") <(declare -f "${name}_ldflags" "${name}_tags" || true) |
+    sha256sum | cut -c1-16)
   stamp=$bin_dir/.$name.$key
   local missing=0
   for entry in $entries; do
@@ -78,8 +91,11 @@ build_tool() {
     echo "cluster-tools: $name up to date"
     return 0
   fi
-  if [[ $name == kubernetes ]]; then
-    ldflags=$(kubernetes_ldflags)
+  if declare -F "${name}_ldflags" >/dev/null; then
+    ldflags=$("${name}_ldflags")
+  fi
+  if declare -F "${name}_tags" >/dev/null; then
+    tags=$("${name}_tags")
   fi
   started=$SECONDS
   echo "cluster-tools: building $name ..."
@@ -87,7 +103,7 @@ build_tool() {
   for entry in $entries; do
     binary=${entry%%=*}
     pkg=${entry#*=}
-    (cd "$module_dir" && go build -trimpath -ldflags "$ldflags" -o "$bin_dir/$binary.tmp" "$pkg")
+    (cd "$module_dir" && go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$bin_dir/$binary.tmp" "$pkg")
     mv -f "$bin_dir/$binary.tmp" "$bin_dir/$binary"
   done
   touch "$stamp"
