@@ -34,6 +34,25 @@ def scrape_job(name: str, metadata: Path, output: Path, base_url: str) -> dict[s
     }
 
 
+def caption_job(name: str, scrape_name: str, output: Path, model: Path) -> dict[str, object]:
+    return {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "CaptionJob",
+        "metadata": {"name": name},
+        "spec": {
+            "input": {"scrapeJobRef": scrape_name},
+            "output": {"uri": str(output)},
+            "model": {"source": str(model)},
+            "prompt": "a photo of",
+            # A random-weight model repeats itself; these keep its captions readable.
+            "decoding": {"maxNewTokens": 12, "minNewTokens": 4, "noRepeatNgramSize": 2},
+            "batchSize": 8,
+            "loaderWorkers": 1,
+            "parallelism": 2,
+        },
+    }
+
+
 def read_split(uri: str) -> list[dict[str, object]]:
     from streaming import StreamingDataset
 
@@ -42,33 +61,59 @@ def read_split(uri: str) -> list[dict[str, object]]:
 
 
 def main(out: Path = Path("demo-output")) -> None:
+    from commoncanvas.models import write_tiny_blip2
+
     out = out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     www = out / "sample"
     www.mkdir(parents=True)
+    blip2 = write_tiny_blip2(out / "models" / "blip2")
     with LocalHTTPServer(root=www / "www") as server:
         sample = build_sample(www, server.base_url)
-        job_file = out / "scrapejob.yaml"
-        job_file.write_text(
-            yaml.safe_dump(
-                scrape_job("demo-scrape", sample.metadata, out / "catalog", server.base_url), sort_keys=False
-            )
-        )
-        console.print(f"[bold]1/1 ScrapeJob[/] {job_file} (sample served at {server.base_url})")
-        (summary,) = run_file(job_file)
+        pipeline = out / "pipeline.yaml"
+        documents = [
+            scrape_job("demo-scrape", sample.metadata, out / "catalog", server.base_url),
+            caption_job("demo-caption", "demo-scrape", out / "captions", blip2),
+        ]
+        pipeline.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+        console.print(f"[bold]Pipeline[/] {pipeline} (sample served at {server.base_url})")
+        scraped, captioned = run_file(pipeline)
+    show_catalog(scraped)
+    show_captions(captioned)
+    console.print("Outputs:")
+    for stage, summary in (("catalog", scraped), ("captions", captioned)):
+        for split, uri in summary["outputs"].items():
+            console.print(f"  {stage:>8} {split:>14}: {uri}")
+    console.print(
+        f"  {'':>8} {'summaries':>14}: {out / 'catalog' / 'summary.json'}, {out / 'captions' / 'summary.json'}"
+    )
+    console.print(
+        f"  read a split with: streaming.StreamingDataset(local={scraped['outputs']['commercial']!r})"
+    )
+
+
+def show_catalog(summary: dict[str, object]) -> None:
     table = Table(title="Catalog (ScrapeJob demo-scrape)")
     for column in ("split", "license", "samples"):
         table.add_column(column)
-    for split, uri in summary["outputs"].items():
+    for split, uri in summary["outputs"].items():  # type: ignore[attr-defined]
         rows = read_split(uri)
         for code, count in sorted(Counter(str(r["license_code"]) for r in rows).items()):
             table.add_row(split, code, str(count))
     console.print(table)
     console.print("Excluded:", json.dumps(summary["excluded"]))
-    console.print("Outputs:")
-    for split, uri in summary["outputs"].items():
-        console.print(f"  {split:>14}: {uri}  (streaming.StreamingDataset(local={uri!r}))")
-    console.print(f"  {'summary':>14}: {out / 'catalog' / 'summary.json'}")
+
+
+def show_captions(summary: dict[str, object], per_split: int = 3) -> None:
+    table = Table(title="Captions (CaptionJob demo-caption, tiny random-weight BLIP-2)")
+    for column in ("split", "photo", "license", "author", "caption"):
+        table.add_column(column)
+    for split, uri in summary["outputs"].items():  # type: ignore[attr-defined]
+        for row in read_split(uri)[:per_split]:
+            table.add_row(
+                split, str(row["photo_id"]), str(row["license_code"]), str(row["author"]), str(row["caption"])
+            )
+    console.print(table)
 
 
 if __name__ == "__main__":
