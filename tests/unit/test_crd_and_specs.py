@@ -9,28 +9,40 @@ from typing import Any
 import pytest
 import yaml
 
-from commoncanvas.crd import build_crd, crd_filename, render_crd, write_crds
+from commoncanvas.crd import KIND_INFO, build_crd, crd_filename, render_crd, write_crds
 from commoncanvas.licenses import DEFAULT_ALLOWED
 from commoncanvas.specs import GROUP, KINDS, VERSION, ScrapeJob, load_resources
 from commoncanvas.specs.common import SpecError
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKED_IN = REPO / "manifests" / "crds" / "scrapejobs.commoncanvas.dev.yaml"
 
 
 # --- the checked-in file ----------------------------------------------------------------------------
 
 
-def test_checked_in_scrapejob_crd_equals_the_generated_one() -> None:
-    assert CHECKED_IN.read_text() == render_crd("ScrapeJob"), (
-        f"{CHECKED_IN.relative_to(REPO)} is out of date with the spec models; run `commoncanvas crds`"
+@pytest.mark.parametrize("kind", sorted(KIND_INFO))
+def test_checked_in_crds_equal_the_generated_ones(kind: str) -> None:
+    checked_in = REPO / "manifests" / "crds" / crd_filename(kind)
+    assert checked_in.read_text() == render_crd(kind), (
+        f"{checked_in.relative_to(REPO)} is out of date with the spec models; run `commoncanvas crds`"
     )
 
 
 def test_write_crds_writes_one_file_per_kind_named_plural_dot_group(tmp_path: Path) -> None:
     written = write_crds(tmp_path / "crds")
-    assert [p.name for p in written] == [crd_filename("ScrapeJob")] == ["scrapejobs.commoncanvas.dev.yaml"]
-    assert yaml.safe_load(written[0].read_text()) == build_crd("ScrapeJob")
+    assert [p.name for p in written] == [crd_filename(k) for k in KIND_INFO]
+    assert "scrapejobs.commoncanvas.dev.yaml" in [p.name for p in written]
+    for path, kind in zip(written, KIND_INFO, strict=True):
+        assert yaml.safe_load(path.read_text()) == build_crd(kind)
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_INFO))
+def test_every_crd_is_structural(kind: str) -> None:
+    root = yaml.safe_load(render_crd(kind))["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    forbidden = {"$ref", "anyOf", "oneOf", "allOf", "not", "$defs", "definitions"}
+    assert not forbidden & set(all_keys(root))
+    untyped = [path for path, node in schema_nodes(root) if "type" not in node]
+    assert not untyped, f"{kind}: schema nodes without a type: {untyped}"
 
 
 # --- the CRD's shape --------------------------------------------------------------------------------
