@@ -84,9 +84,8 @@ def main(out: Path = Path("demo-output")) -> None:
     for stage, summary in (("catalog", scraped), ("captions", captioned)):
         for split, uri in summary["outputs"].items():
             console.print(f"  {stage:>8} {split:>14}: {uri}")
-    console.print(
-        f"  {'':>8} {'summaries':>14}: {out / 'catalog' / 'summary.json'}, {out / 'captions' / 'summary.json'}"
-    )
+    for stage in ("catalog", "captions"):
+        console.print(f"  {stage:>8} {'summary':>14}: {out / stage / 'summary.json'}")
     console.print(
         f"  read a split with: streaming.StreamingDataset(local={scraped['outputs']['commercial']!r})"
     )

@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 import yaml
 from botocore.exceptions import EndpointConnectionError
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 from tests.cluster.harness import A100_POOL, GPU_RESOURCE, LOCAL_POOL, LocalCluster
 from tests.cluster.kubeapi import ApiError, Obj, condition
 from tests.cluster.kwok_stages import EXIT_CODE_ANNOTATION, FAIL_ANNOTATION, RUN_DURATION_ANNOTATION
 from tests.cluster.minio import MinioServer
+from tests.cluster.processes import free_port
+from tests.cluster.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.integration
 
@@ -344,3 +347,16 @@ def test_minio_keeps_objects_across_a_restart(minio: MinioServer, bucket: str) -
         "AWS_DEFAULT_REGION",
         "S3_ENDPOINT_URL",
     }
+
+
+def test_prometheus_scrapes_a_metrics_endpoint(prometheus: PrometheusServer) -> None:
+    registry = CollectorRegistry()
+    Counter("commoncanvas_selftest_samples", "samples seen by this test", registry=registry).inc(7)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        prometheus.set_targets([f"127.0.0.1:{port}"])
+        assert prometheus.wait_for_value("commoncanvas_selftest_samples_total") == 7.0
+    finally:
+        server.shutdown()
+        thread.join()
