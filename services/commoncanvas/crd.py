@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from commoncanvas.specs import GROUP, VERSION, CaptionJob, ScrapeJob
+from commoncanvas.specs import GROUP, VERSION, CaptionJob, ScrapeJob, TrainRun
 
 _DROP = {"title", "additionalProperties", "$defs", "discriminator"}
 
@@ -53,6 +53,16 @@ KIND_INFO: dict[str, KindInfo] = {
                 "jsonPath": ".status.captions.noncommercial",
                 "priority": 1,
             },
+        ),
+    ),
+    "TrainRun": KindInfo(
+        TrainRun,
+        "trainruns",
+        ("tr",),
+        (
+            {"name": "Step", "type": "integer", "jsonPath": ".status.step"},
+            {"name": "Images/s", "type": "number", "jsonPath": ".status.imagesPerSecond"},
+            {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
         ),
     ),
 }

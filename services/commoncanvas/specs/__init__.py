@@ -3,10 +3,14 @@
 from commoncanvas.specs.caption import CaptionJob, CaptionJobSpec, CaptionJobStatus
 from commoncanvas.specs.common import GROUP, VERSION, Condition, ObjectMeta, Phase, load_resources
 from commoncanvas.specs.scrape import ScrapeJob, ScrapeJobSpec, ScrapeJobStatus
+from commoncanvas.specs.train import TrainRun, TrainRunSpec, TrainRunStatus
 
-KINDS = {"ScrapeJob": ScrapeJob, "CaptionJob": CaptionJob}
+KINDS = {"ScrapeJob": ScrapeJob, "CaptionJob": CaptionJob, "TrainRun": TrainRun}
 
 __all__ = [
+    "TrainRun",
+    "TrainRunSpec",
+    "TrainRunStatus",
     "GROUP",
     "KINDS",
     "VERSION",
