@@ -23,7 +23,7 @@ from commoncanvas import units
 from commoncanvas.specs import KINDS, CaptionJob, ScrapeJob, load_resources
 
 console = Console(stderr=True)
-WORKER_MODULES = ["commoncanvas.scrape.worker", "commoncanvas.caption.worker"]
+WORKER_MODULES = ["streaming", "commoncanvas.scrape.worker", "commoncanvas.caption.worker"]
 
 
 class UnitsFailed(RuntimeError):

@@ -3,6 +3,7 @@ decode; plus format sniffing and Retry-After parsing."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import time
@@ -67,8 +68,11 @@ def failure(data: bytes, content_type: str = "image/jpeg", filters: Filters = AN
         ("WEBP", "image/webp"),
     ],
 )
-def test_valid_image_is_accepted_with_its_size_and_format(fmt: str, mime: str) -> None:
-    assert validate_image(encode(fmt, (320, 240)), mime, ANY_SIZE) == ValidImage(320, 240, fmt)
+@pytest.mark.parametrize("check", ["header", "decode"])
+def test_valid_image_is_accepted_with_its_size_format_and_hash(fmt: str, mime: str, check: str) -> None:
+    data = encode(fmt, (320, 240))
+    found = validate_image(data, mime, Filters(min_side=1, check=check))  # type: ignore[arg-type]
+    assert found == ValidImage(320, 240, fmt, hashlib.sha256(data).hexdigest())
 
 
 @pytest.mark.parametrize(
@@ -148,23 +152,48 @@ def test_the_configured_pixel_limit_is_the_one_applied_not_pillows_own(side: int
 # --- refused by the decode --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("keep", [0.5, 0.9, 0.98])
-def test_truncated_jpeg_is_corrupt(keep: float) -> None:
+BOTH_CHECKS = pytest.mark.parametrize(
+    "checks",
+    [Filters(min_side=1, check="header"), Filters(min_side=1, check="decode")],
+    ids=["header", "decode"],
+)
+
+
+@BOTH_CHECKS
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.98, 0.999])
+def test_truncated_jpeg_is_corrupt(keep: float, checks: Filters) -> None:
     data = encode("JPEG", (640, 480))
-    assert failure(data[: int(len(data) * keep)]).reason == "corrupt"
+    assert failure(data[: int(len(data) * keep)], filters=checks).reason == "corrupt"
 
 
-def test_truncated_png_is_corrupt() -> None:
+@BOTH_CHECKS
+def test_truncated_png_is_corrupt(checks: Filters) -> None:
     data = encode("PNG", (640, 480))
-    assert failure(data[: len(data) // 2], "image/png").reason == "corrupt"
+    assert failure(data[: len(data) // 2], "image/png", checks).reason == "corrupt"
 
 
-def test_garbage_after_valid_magic_bytes_is_corrupt() -> None:
-    assert failure(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4).reason == "corrupt"
+@BOTH_CHECKS
+def test_garbage_after_valid_magic_bytes_is_corrupt(checks: Filters) -> None:
+    assert failure(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, filters=checks).reason == "corrupt"
 
 
-def test_png_stating_a_size_but_holding_no_pixels_is_corrupt() -> None:
-    assert failure(png_header_only(300, 300), "image/png").reason == "corrupt"
+@BOTH_CHECKS
+def test_png_stating_a_size_but_holding_no_pixels_is_corrupt(checks: Filters) -> None:
+    assert failure(png_header_only(300, 300), "image/png", checks).reason == "corrupt"
+
+
+def test_jpeg_with_an_exif_thumbnail_but_a_truncated_main_image_is_corrupt_in_header_mode() -> None:
+    from PIL import Image
+
+    thumb = encode("JPEG", (64, 48))
+    exif = Image.Exif()
+    main = io.BytesIO()
+    Image.open(io.BytesIO(encode("JPEG", (640, 480)))).save(main, "JPEG", exif=exif.tobytes())
+    data = main.getvalue()
+    # Splice a complete thumbnail (its own start-of-scan and end marker) in front of the main scan.
+    scan = data.rfind(b"\xff\xda")
+    spliced = data[:2] + b"\xff\xfe" + (len(thumb) + 2).to_bytes(2, "big") + thumb + data[2 : scan + 200]
+    assert failure(spliced, filters=Filters(min_side=1, check="header")).reason == "corrupt"
 
 
 # --- sniffing ---------------------------------------------------------------------------------------

@@ -8,10 +8,9 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-from streaming import MDSWriter
 
 from commoncanvas import metrics, units
 from commoncanvas.scrape.fetch import Fetcher, FetchResult
@@ -97,14 +96,22 @@ def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
     written_bytes = 0
     with tempfile.TemporaryDirectory(prefix=f"commoncanvas-scrape-{unit:06d}-") as tmp:
         local = Path(tmp) / split
-        with MDSWriter(out=str(local), columns=CATALOG_COLUMNS, size_limit="256mb") as writer:
+        # streaming imports torch: only workers pay for it, not the planner or the merge.
+        from streaming import MDSWriter
+
+        # One writer thread keeps shard flushes off the event loop and the rows in arrival order.
+        with (
+            MDSWriter(out=str(local), columns=CATALOG_COLUMNS, size_limit="64mb") as writer,
+            ThreadPoolExecutor(1, thread_name_prefix="mds-writer") as write_thread,
+        ):
+            writes: list[Future[None]] = []
 
             def on_result(result: FetchResult) -> None:
                 nonlocal written_bytes
                 outcomes[result.outcome] += 1
                 metrics.SAMPLES.labels(STAGE, split, result.outcome).inc()
                 if result.outcome == "ok":
-                    writer.write(catalog_row(result))
+                    writes.append(write_thread.submit(writer.write, catalog_row(result)))
                     written_licenses[result.sample.license_code] += 1
                     written_bytes += len(result.data)
                     metrics.BYTES.labels(STAGE, split).inc(len(result.data))
@@ -118,6 +125,8 @@ def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
                     )
 
             asyncio.run(Fetcher(spec.fetch, spec.filters, split).fetch_all(samples, on_result))
+            for write in writes:
+                write.result()  # re-raise a failed write here, before the unit can be published
         if outcomes["ok"]:
             units.publish_unit(layout.output, split, unit, local)
     seconds = time.perf_counter() - started

@@ -45,6 +45,10 @@ class LicensePolicySpec(KubeModel):
 class Filters(KubeModel):
     min_side: int = Field(256, ge=1, description="Drop images whose shorter side is below this (pixels)")
     max_pixels: int = Field(178_956_970, ge=1, description="Decompression-bomb guard: refuse larger images")
+    check: Literal["header", "decode"] = Field(
+        "header",
+        description="Integrity check: header (structure + end marker, fast) or decode (every pixel)",
+    )
 
 
 class FetchPolicy(KubeModel):
