@@ -12,7 +12,7 @@ export UV_CACHE_DIR := $(CACHE)/uv
 export PATH := $(VENV)/bin:$(CACHE)/bin:$(PATH)
 export CC_CACHE_DIR := $(CACHE)
 
-.PHONY: venv demo test unit lint bench cluster-tools clean
+.PHONY: venv demo test unit lint bench cluster-tools cluster-up cluster-down clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,14 @@ $(STAMP): pyproject.toml
 
 cluster-tools:
 	@tests/cluster/tools/build.sh $(CACHE)
+
+# A control plane (etcd, kube-apiserver, scheduler, controller-manager, kwok A100 pool) and MinIO for a
+# person to explore with kubectl; prints the exports to use it.
+cluster-up: venv cluster-tools
+	$(PY) -m tests.cluster.cli up
+
+cluster-down: venv
+	$(PY) -m tests.cluster.cli down
 
 demo: venv
 	$(PY) -m commoncanvas.demo

@@ -23,7 +23,8 @@ from commoncanvas import units
 from commoncanvas.specs import KINDS, CaptionJob, ScrapeJob, load_resources
 
 console = Console(stderr=True)
-WORKER_MODULES = ["streaming", "commoncanvas.scrape.worker", "commoncanvas.caption.worker"]
+# Light modules only: a model stage's workers import torch themselves, once per worker process.
+WORKER_MODULES = ["commoncanvas.scrape.worker"]
 
 
 class UnitsFailed(RuntimeError):
@@ -35,8 +36,8 @@ def local_processes(parallelism: int) -> int:
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
-    """Fork workers from a clean server that imported the stage workers once (torch and friends take
-    seconds to import): no inherited boto3 clients or event loops, and no import cost per run."""
+    """Fork workers from a clean server that imported the scrape worker once: no inherited boto3
+    clients or event loops, and no import cost per unit."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_MODULES)
     return context

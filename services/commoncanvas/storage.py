@@ -56,6 +56,10 @@ class Storage(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> int: ...
 
+    def local_path(self, key: str) -> Path | None:
+        """The file system path of `key` when this storage is a local directory, else None."""
+        return None
+
     def child(self, prefix: str) -> Storage:
         return open_storage(self.url(prefix))
 
@@ -76,6 +80,9 @@ class LocalStorage(Storage):
 
     def _path(self, key: str) -> Path:
         return self.root / key.strip("/") if key.strip("/") else self.root
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
 
     def read_bytes(self, key: str) -> bytes:
         try:

@@ -67,8 +67,17 @@ def begin_unit(storage: Storage, splits: Iterable[str], unit: int) -> None:
         storage.delete_prefix(unit_dir(split, unit))
 
 
+def staging_dir(storage: Storage, split: str, unit: int, scratch: Path) -> Path:
+    """Where a unit writes its MDS: in place when the output is a local directory (nothing to copy:
+    without a marker the unit is invisible, and a rerun clears it), else a scratch dir to upload."""
+    in_place = storage.local_path(unit_dir(split, unit))
+    return in_place if in_place is not None else scratch / split
+
+
 def publish_unit(storage: Storage, split: str, unit: int, local_mds: Path) -> None:
     """Upload a finished local MDS directory; index.json last so a unit is never half-visible."""
+    if storage.local_path(unit_dir(split, unit)) == local_mds:
+        return  # written in place
     files = sorted(p for p in local_mds.rglob("*") if p.is_file())
     index = [p for p in files if p.name == "index.json"]
     for path in [p for p in files if p.name != "index.json"] + index:

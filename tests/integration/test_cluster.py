@@ -4,6 +4,7 @@ node, CRD validation by the real API server, and MinIO."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -349,13 +350,15 @@ def test_minio_keeps_objects_across_a_restart(minio: MinioServer, bucket: str) -
     }
 
 
-def test_prometheus_scrapes_a_metrics_endpoint(prometheus: PrometheusServer) -> None:
+def test_prometheus_scrapes_a_metrics_endpoint(
+    start_prometheus: Callable[[Sequence[str]], PrometheusServer],
+) -> None:
     registry = CollectorRegistry()
     Counter("commoncanvas_selftest_samples", "samples seen by this test", registry=registry).inc(7)
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
-        prometheus.set_targets([f"127.0.0.1:{port}"])
+        prometheus = start_prometheus([f"127.0.0.1:{port}"])
         assert prometheus.wait_for_value("commoncanvas_selftest_samples_total") == 7.0
     finally:
         server.shutdown()

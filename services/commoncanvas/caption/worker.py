@@ -221,7 +221,7 @@ def run_unit(
         captioner = load_captioner(spec, Path(tmp).parent / "commoncanvas-models")
         dataset = _streaming_view(unit, Path(tmp) / "input")
         columns = {**unit.columns, **CAPTION_COLUMNS}
-        local_out = Path(tmp) / "output"
+        local_out = units.staging_dir(layout.output, unit.split, unit_index, Path(tmp) / "output")
         with MDSWriter(out=str(local_out), columns=columns, size_limit="256mb") as writer:
             for batch in iter_batches(spec, dataset, captioner.processor.image_processor):
                 batch_started = time.perf_counter()

@@ -177,12 +177,18 @@ class Fetcher:
                 declared = response.content_length
                 if declared is not None and declared > self.policy.max_bytes:
                     raise FetchFailure("too-large", f"{declared} bytes declared")
-                body = bytearray()
-                async for chunk in response.content.iter_any():
-                    body += chunk
-                    if len(body) > self.policy.max_bytes:
-                        raise FetchFailure("too-large", f"over {self.policy.max_bytes} bytes")
-                return bytes(body), response.headers.get("Content-Type", ""), str(response.url)
+                if declared is not None:
+                    data = await response.read()  # one buffer; aiohttp enforces the declared length
+                else:
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in response.content.iter_any():
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if size > self.policy.max_bytes:
+                            raise FetchFailure("too-large", f"over {self.policy.max_bytes} bytes")
+                    data = b"".join(chunks)
+                return data, response.headers.get("Content-Type", ""), str(response.url)
         except aiohttp.ClientPayloadError as exc:
             raise RetryableFailure("truncated", f"{url}: {exc}") from None
         except TimeoutError:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from commoncanvas import metrics, units
+from commoncanvas.mds import MDSShardWriter
 from commoncanvas.scrape.fetch import Fetcher, FetchResult
 from commoncanvas.scrape.plan import PLAN_SUMMARY, plan_hash, read_unit_plan, read_units, write_plan
 from commoncanvas.specs.scrape import ScrapeJobSpec
@@ -95,13 +96,10 @@ def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
     failures: list[dict[str, Any]] = []
     written_bytes = 0
     with tempfile.TemporaryDirectory(prefix=f"commoncanvas-scrape-{unit:06d}-") as tmp:
-        local = Path(tmp) / split
-        # streaming imports torch: only workers pay for it, not the planner or the merge.
-        from streaming import MDSWriter
-
+        local = units.staging_dir(layout.output, split, unit, Path(tmp))
         # One writer thread keeps shard flushes off the event loop and the rows in arrival order.
         with (
-            MDSWriter(out=str(local), columns=CATALOG_COLUMNS, size_limit="64mb") as writer,
+            MDSShardWriter(local, CATALOG_COLUMNS) as writer,
             ThreadPoolExecutor(1, thread_name_prefix="mds-writer") as write_thread,
         ):
             writes: list[Future[None]] = []

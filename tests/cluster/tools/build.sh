@@ -97,6 +97,10 @@ build_tool() {
   if declare -F "${name}_tags" >/dev/null; then
     tags=$("${name}_tags")
   fi
+  if ! command -v go >/dev/null; then
+    echo "cluster-tools: building $name needs Go >= 1.26 on PATH" >&2
+    exit 1
+  fi
   started=$SECONDS
   echo "cluster-tools: building $name ..."
   rm -f "$bin_dir/.$name".*
