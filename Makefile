@@ -14,15 +14,21 @@ export CC_CACHE_DIR := $(CACHE)
 
 .PHONY: venv demo test unit lint bench cluster-tools cluster-up cluster-down clean
 
+UV := $(CACHE)/uv-$(UV_VERSION)/bin/uv
+
+# The venv may outlive this checkout (CI keeps CACHE outside the clone), so the editable install of the
+# project itself is redone, cheaply and without dependencies, whenever the checkout's path differs.
 venv: $(STAMP)
+	@[ "$$(cat $(STAMP))" = "$(CURDIR)" ] || { $(UV) pip install -q --no-deps --python $(PY) -e . && \
+	  echo "$(CURDIR)" > $(STAMP); }
 
 $(STAMP): pyproject.toml
 	@mkdir -p $(CACHE)
-	@test -x $(CACHE)/uv-$(UV_VERSION)/bin/uv || { $(PYTHON) -m venv $(CACHE)/uv-$(UV_VERSION) && \
+	@test -x $(UV) || { $(PYTHON) -m venv $(CACHE)/uv-$(UV_VERSION) && \
 	  $(CACHE)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION); }
-	$(CACHE)/uv-$(UV_VERSION)/bin/uv venv -q --python $(PYTHON) --allow-existing $(VENV)
-	$(CACHE)/uv-$(UV_VERSION)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[test,bench]'
-	@touch $@
+	$(UV) venv -q --python $(PYTHON) --allow-existing $(VENV)
+	$(UV) pip install -q --compile-bytecode --python $(PY) -e '.[test,bench]'
+	@echo "$(CURDIR)" > $@
 
 cluster-tools:
 	@tests/cluster/tools/build.sh $(CACHE)
