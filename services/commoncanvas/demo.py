@@ -53,6 +53,35 @@ def caption_job(name: str, scrape_name: str, output: Path, model: Path) -> dict[
     }
 
 
+def train_run(name: str, caption_name: str, out: Path) -> dict[str, object]:
+    return {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "TrainRun",
+        "metadata": {"name": name},
+        "spec": {
+            "dataset": {
+                "captionJobRef": caption_name,
+                "loaderWorkers": 0,
+                "mix": [{"split": "commercial", "weight": 3}, {"split": "noncommercial", "weight": 1}],
+            },
+            "output": {"uri": str(out / "model")},
+            "checkpoint": {"uri": str(out / "checkpoints"), "intervalSteps": 10, "keep": 2},
+            "resolution": 64,
+            "model": {"architecture": "tiny"},
+            "optimizations": {"precomputeLatents": True, "ema": {"startStep": 5, "every": 1, "decay": 0.9}},
+            "schedule": {
+                "globalBatchSize": 4,
+                "microBatchSize": 2,
+                "warmupSteps": 2,
+                "maxSteps": 20,
+                "learningRate": 1e-3,
+            },
+            "distributed": {"minNodes": 1, "maxNodes": 2, "gpusPerNode": 0, "maxRestarts": 1},
+            "samples": {"prompts": ["a photo of a rocket launch"], "intervalSteps": 10, "inferenceSteps": 2},
+        },
+    }
+
+
 def read_split(uri: str) -> list[dict[str, object]]:
     from streaming import StreamingDataset
 
@@ -74,21 +103,43 @@ def main(out: Path = Path("demo-output")) -> None:
         documents = [
             scrape_job("demo-scrape", sample.metadata, out / "catalog", server.base_url),
             caption_job("demo-caption", "demo-scrape", out / "captions", blip2),
+            train_run("demo-train", "demo-caption", out),
         ]
         pipeline.write_text(yaml.safe_dump_all(documents, sort_keys=False))
         console.print(f"[bold]Pipeline[/] {pipeline} (sample served at {server.base_url})")
-        scraped, captioned = run_file(pipeline)
+        scraped, captioned, trained = run_file(pipeline)
     show_catalog(scraped)
     show_captions(captioned)
+    image = generate(out / "model" / "pipeline", "a photo of a rocket launch", out / "generated.png")
     console.print("Outputs:")
     for stage, summary in (("catalog", scraped), ("captions", captioned)):
         for split, uri in summary["outputs"].items():
             console.print(f"  {stage:>8} {split:>14}: {uri}")
     for stage in ("catalog", "captions"):
         console.print(f"  {stage:>8} {'summary':>14}: {out / stage / 'summary.json'}")
+    status = trained["status"]
+    console.print(
+        f"  {'model':>8} {'training':>14}: {status['step']} steps, {status['imagesSeen']} images, "
+        f"loss {status['loss']:.4f}, logs {trained['logDir']}"
+    )
+    for name, uri in sorted(trained["outputs"].items()):
+        console.print(f"  {'model':>8} {name:>14}: {uri}")
+    console.print(f"  {'image':>8} {'generated':>14}: {image}")
     console.print(
         f"  read a split with: streaming.StreamingDataset(local={scraped['outputs']['commercial']!r})"
     )
+
+
+def generate(pipeline_dir: Path, prompt: str, target: Path) -> Path:
+    """One image from the exported diffusers pipeline: what any user of the model would do."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), safety_checker=None)
+    generator = torch.Generator().manual_seed(0)
+    result = pipe(prompt, num_inference_steps=4, height=64, width=64, generator=generator)
+    result.images[0].save(target)
+    return target
 
 
 def show_catalog(summary: dict[str, object]) -> None:

@@ -37,6 +37,24 @@ OOM_BACKOFFS = Counter(
 )
 
 
+# Training (rank 0 of a TrainRun); images/s and GPU memory use the shared gauges with stage="train".
+TRAIN_STEP = Gauge("commoncanvas_train_step", "Optimizer steps done")
+TRAIN_IMAGES_SEEN = Gauge("commoncanvas_train_images_seen", "Images trained on so far (all ranks)")
+TRAIN_LOSS = Gauge("commoncanvas_train_loss", "Loss of the last step, mean over ranks")
+TRAIN_LEARNING_RATE = Gauge("commoncanvas_train_learning_rate", "Learning rate of the last step")
+TRAIN_STEP_SECONDS = Histogram(
+    "commoncanvas_train_step_seconds",
+    "Wall time of one optimizer step (data, forward, backward, all-reduce, update)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+)
+TRAIN_RESTARTS = Gauge(
+    "commoncanvas_train_restarts", "Restarts of the process group (TORCHELASTIC_RESTART_COUNT)"
+)
+TRAIN_MFU = Gauge(
+    "commoncanvas_train_mfu", "Model FLOPs utilization: UNet training FLOPs/s over peak FLOPs/s"
+)
+
+
 def serve(port: int) -> None:
     """Expose /metrics on `port` (0 = don't)."""
     if port:

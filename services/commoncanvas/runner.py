@@ -7,6 +7,7 @@ keep their markers, so a rerun does only what is left.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from commoncanvas import units
-from commoncanvas.specs import KINDS, CaptionJob, ScrapeJob, load_resources
+from commoncanvas.specs import KINDS, CaptionJob, ScrapeJob, TrainRun, load_resources
 
 console = Console(stderr=True)
 # Light modules only: a model stage's workers import torch themselves, once per worker process.
@@ -140,12 +141,47 @@ class LocalRun:
             self.show_progress,
         )
         self.outputs[("CaptionJob", job.metadata.name)] = job.spec.output.uri
-        return worker.finalize(job.spec, resolve)
+        return unitplan.finalize(job.spec, resolve)
+
+    def train(self, run: TrainRun) -> dict[str, Any]:
+        """Optional latents phase, then torchrun through TorchX's local scheduler (the same AppDef the
+        operator materialises on a cluster), over a job file with the CaptionJob reference resolved."""
+        import tempfile
+
+        import yaml
+
+        from commoncanvas.train import latents, launch
+
+        resolve = self.references("CaptionJob", f"TrainRun {run.metadata.name!r}")
+        spec = run.spec
+        if spec.dataset.caption_job_ref:
+            uris = [resolve(spec.dataset.caption_job_ref)]
+            spec = spec.model_copy(
+                update={"dataset": spec.dataset.model_copy(update={"caption_job_ref": None, "uris": uris})}
+            )
+            run = run.model_copy(update={"spec": spec})
+        if spec.optimizations.precompute_latents:
+            latents.run_latents(spec, run.metadata.name, None, local_processes(2), self.show_progress)
+        workdir = Path(tempfile.mkdtemp(prefix=f"commoncanvas-train-{run.metadata.name}-"))
+        job_file = workdir / "trainrun.yaml"
+        job_file.write_text(yaml.safe_dump(run.model_dump(mode="json", by_alias=True, exclude_none=True)))
+        console.print(f"[bold]{run.metadata.name}[/] train: torchrun via TorchX, logs in {workdir}")
+        result = launch.run_local(run, job_file, log_dir=workdir / "logs")
+        if not result["succeeded"]:
+            raise UnitsFailed(
+                f"TrainRun {run.metadata.name!r} failed ({result['state']}); logs in "
+                f"{result['log_dir']}:\n{result.get('error', '')}"
+            )
+        from commoncanvas.storage import open_storage
+
+        status = json.loads(open_storage(spec.output.uri).read_text("status.json"))
+        return {"status": status, "logDir": str(result["log_dir"]), "outputs": status.get("outputs", {})}
 
     def run(self, resource: Any) -> dict[str, Any]:
         runners: dict[str, Callable[[Any], dict[str, Any]]] = {
             "ScrapeJob": self.scrape,
             "CaptionJob": self.caption,
+            "TrainRun": self.train,
         }
         return {"kind": resource.kind, "name": resource.metadata.name, **runners[resource.kind](resource)}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -182,8 +183,12 @@ class S3Storage(Storage):
         self._call("writing", key, s3_client().put_object, Key=self._key(key), Body=data)
 
     def upload_file(self, key: str, path: Path) -> None:
-        with path.open("rb") as handle:
-            self._call("uploading", key, s3_client().put_object, Key=self._key(key), Body=handle)
+        # boto3's transfer manager: multipart above 8 MB, so objects beyond a single PUT's 5 GB work.
+        try:
+            s3_client().upload_file(str(path), self.bucket, self._key(key))
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            endpoint = os.environ.get("S3_ENDPOINT_URL", "the default AWS endpoint")
+            raise StorageError(f"uploading {self.url(key)} to {endpoint} failed: {exc}") from exc
 
     def download_file(self, key: str, path: Path) -> None:
         try:

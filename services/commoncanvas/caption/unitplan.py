@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from commoncanvas import units
 from commoncanvas.specs.caption import CaptionJobSpec
 from commoncanvas.storage import Storage, open_storage
 from commoncanvas.units import StageLayout
@@ -80,3 +81,15 @@ def ensure_caption_plan(
 
 def read_caption_units(plan: Storage) -> list[CaptionUnit]:
     return [CaptionUnit(**unit) for unit in json.loads(plan.read_text("units.json"))["units"]]
+
+
+def finalize(spec: CaptionJobSpec, resolve_ref: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Once every unit has its marker: merge each split's index and write the job summary.
+    Torch-free on purpose: the finalize pod runs in the CPU image."""
+    layout = CaptionLayout.at(spec.output.uri)
+    plan = ensure_caption_plan(spec, layout, resolve_ref)
+    merged = units.summarize(layout, {u.unit: u.split for u in read_caption_units(plan)})
+    excluded = merged.pop("failed")
+    result = {**merged, "excluded": excluded, "captions": merged["samples"]}
+    layout.output.write_text("summary.json", json.dumps(result, indent=1))
+    return result

@@ -283,14 +283,3 @@ def run_unit(
         seconds,
     )
     return stats
-
-
-def finalize(spec: CaptionJobSpec, resolve_ref: Callable[[str], str] | None = None) -> dict[str, Any]:
-    """Once every unit has its marker: merge each split's index and write the job summary."""
-    layout = CaptionLayout.at(spec.output.uri)
-    plan = ensure_caption_plan(spec, layout, resolve_ref)
-    merged = units.summarize(layout, {u.unit: u.split for u in read_caption_units(plan)})
-    excluded = merged.pop("failed")
-    result = {**merged, "excluded": excluded, "captions": merged["samples"]}
-    layout.output.write_text("summary.json", json.dumps(result, indent=1))
-    return result

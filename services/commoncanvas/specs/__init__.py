@@ -8,9 +8,6 @@ from commoncanvas.specs.train import TrainRun, TrainRunSpec, TrainRunStatus
 KINDS = {"ScrapeJob": ScrapeJob, "CaptionJob": CaptionJob, "TrainRun": TrainRun}
 
 __all__ = [
-    "TrainRun",
-    "TrainRunSpec",
-    "TrainRunStatus",
     "GROUP",
     "KINDS",
     "VERSION",
@@ -23,5 +20,8 @@ __all__ = [
     "ScrapeJob",
     "ScrapeJobSpec",
     "ScrapeJobStatus",
+    "TrainRun",
+    "TrainRunSpec",
+    "TrainRunStatus",
     "load_resources",
 ]

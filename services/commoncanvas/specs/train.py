@@ -36,6 +36,9 @@ class TrainDataset(KubeModel):
         description="One mosaicml-streaming Stream per split, weighted (C only by default)",
     )
     caption_dropout: float = Field(0.1, ge=0, le=1, description="Share of empty captions (for guidance)")
+    loader_workers: int = Field(
+        4, ge=0, description="DataLoader processes per rank that decode, resize and tokenize (0 = inline)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> TrainDataset:

@@ -1,0 +1,459 @@
+"""The latents phase: the paper's "precomputed VAE and text latents" speed-up, as a sharded resumable job.
+
+Units are groups of input shards of the captioned dataset, exactly like captioning: unit `i` writes
+`{output}/latents/{split}/unit-NNNNNN/` and then its marker; `finalize` merges each split's index.
+Every sample keeps its license and attribution columns, so the data card can be built from latents too.
+
+What is stored, and why:
+- `latents`: the mean of the VAE's latent distribution, times `vae.config.scaling_factor`, as float16
+  (4, R/8, R/8). The mean, not a sample: a sample would freeze one noise draw into the dataset for good,
+  while SD's posterior std is tiny (a sample differs from the mean far less than the diffusion noise
+  added on top), and the mean keeps precomputed and on-the-fly training identical. Already scaled:
+  training uses them as x0 as is and must not scale again.
+- `text_hidden`: the text encoder's last hidden states for the caption tokenized and padded to the
+  tokenizer's max length (77), float16 (77, dim): what the SD2 pipeline conditions on at inference.
+
+`encode_batch` (with its halves `encode_images` and `encode_captions`, and `load_pixels` before it) is
+the one encoding: this phase and training's on-the-fly path both call it, so both train on the same x0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from commoncanvas import metrics, units
+from commoncanvas.caption.unitplan import InputMissing
+from commoncanvas.specs.train import TrainRunSpec
+from commoncanvas.storage import Storage, open_storage
+from commoncanvas.units import StageLayout
+
+log = logging.getLogger(__name__)
+STAGE = "latents"
+LATENTS_DIR = "latents"
+# One captioned shard per unit: a shard is one caption unit's output, a few thousand images, minutes
+# of VAE time on one GPU; finer units would only add markers.
+SHARDS_PER_UNIT = 1
+# The empty caption's hidden states, for classifier-free guidance dropout without a text encoder.
+NULL_TEXT_KEY = "null_text_hidden.npy"
+SKIPPED_INPUT_COLUMNS = {"image"}
+
+
+# --- encoding: shared with training's on-the-fly path ---------------------------------------------
+
+
+def load_pixels(data: bytes, resolution: int) -> torch.Tensor:
+    """Encoded image -> (3, R, R) float32 in [-1, 1]: EXIF-upright, shorter side resized, center-cropped."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def encode_batch(
+    vae: Any, text_encoder: Any, tokenizer: Any, images: torch.Tensor, captions: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, R, R) pixels in [-1, 1] + B captions -> scaled latent means (B, 4, R/8, R/8) and the text
+    encoder's last hidden states (B, max_length, dim), on the encoders' devices and in their dtypes."""
+    if images.shape[0] != len(captions):
+        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
+    return encode_images(vae, images), encode_captions(text_encoder, tokenizer, captions)
+
+
+def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    param = next(vae.parameters())
+    with torch.no_grad():
+        posterior = vae.encode(images.to(param.device, param.dtype)).latent_dist
+        latents: torch.Tensor = posterior.mean * vae.config.scaling_factor
+    return latents
+
+
+def encode_captions(text_encoder: Any, tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    tokens = tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        hidden: torch.Tensor = text_encoder(tokens.input_ids.to(next(text_encoder.parameters()).device))[0]
+    return hidden
+
+
+# --- the encoders ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoders:
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    device: torch.device
+
+    def encode(self, images: torch.Tensor, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        latents, hidden = encode_batch(self.vae, self.text_encoder, self.tokenizer, images, captions)
+        return _float16(latents), _float16(hidden)
+
+
+def _float16(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy().astype(np.float16)
+
+
+# Where a model's frozen parts come from when the spec names none: the SD2 releases, or for `tiny` a
+# seeded random pipeline written once per machine (same seed, same weights, in every process).
+DEFAULT_SOURCES = {
+    "sd2-base": "stabilityai/stable-diffusion-2-base",
+    "sd2": "stabilityai/stable-diffusion-2",
+}
+TINY_SEED = 0
+
+
+def load_encoders(spec: TrainRunSpec, device: torch.device | None = None) -> Encoders:
+    """The frozen VAE and text encoder training uses, in eval mode, fp32 (a one-off pass: accuracy
+    matters more than speed, and fp16 SD VAEs can overflow)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    revision = spec.model.revision or "main"
+    vae = load_part(AutoencoderKL, spec.model.vae, spec.model.architecture, "vae", revision=revision)
+    text_encoder = load_part(
+        CLIPTextModel, spec.model.text_encoder, spec.model.architecture, "text_encoder", revision=revision
+    )
+    tokenizer = load_part(
+        CLIPTokenizer, spec.model.text_encoder, spec.model.architecture, "tokenizer", revision=revision
+    )
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    return Encoders(
+        vae.to(device, torch.float32).eval(), text_encoder.to(device, torch.float32).eval(), tokenizer, device
+    )
+
+
+def load_part(cls: Any, source: str | None, architecture: str, part: str, **kwargs: Any) -> Any:
+    """Load one part; a source may be a whole pipeline (the part in its subfolder) or just that part."""
+    from commoncanvas.models import resolve_model_dir
+
+    if source is None:
+        root = tiny_sd2_dir() if architecture == "tiny" else DEFAULT_SOURCES[architecture]
+    else:
+        root = resolve_model_dir(source)
+    path = Path(root)
+    if path.is_dir():
+        return cls.from_pretrained(root, subfolder=part if (path / part).is_dir() else None, **kwargs)
+    try:  # a hub id: a pipeline repo most often, else the part's own repo
+        return cls.from_pretrained(root, subfolder=part, **kwargs)
+    except OSError:
+        return cls.from_pretrained(root, **kwargs)
+
+
+# The name model.py imports; load_part is the public one.
+_from_source = load_part
+
+
+def tiny_sd2_dir() -> str:
+    """The seeded tiny SD2 pipeline, written once under the model cache (a lock serialises processes)."""
+    import os
+    import shutil
+
+    from filelock import FileLock
+
+    from commoncanvas.models import default_model_cache, write_tiny_sd2
+
+    cache = default_model_cache()
+    target = cache / f"tiny-sd2-seed{TINY_SEED}"
+    if (target / "model_index.json").is_file():
+        return str(target)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f"{target.name}.lock")):
+        if not (target / "model_index.json").is_file():
+            part = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}.part-"))
+            try:
+                write_tiny_sd2(part, seed=TINY_SEED)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(part, target)
+            finally:
+                shutil.rmtree(part, ignore_errors=True)
+    return str(target)
+
+
+# --- units -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatentUnit:
+    unit: int
+    split: str
+    split_root: str
+    shards: list[dict[str, Any]]
+    columns: dict[str, str]
+
+
+def layout_of(spec: TrainRunSpec) -> StageLayout:
+    return StageLayout.at(latents_uri(spec))
+
+
+def latents_uri(spec: TrainRunSpec) -> str:
+    """Where training reads precomputed latents: `{this}/{split}/` per split, plus NULL_TEXT_KEY."""
+    return f"{spec.output.uri.rstrip('/')}/{LATENTS_DIR}"
+
+
+def input_roots(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None) -> list[tuple[str, str]]:
+    """(captioned root URI, where it came from) per input, resolving a CaptionJob reference."""
+    ref = spec.dataset.caption_job_ref
+    if ref:
+        if resolve_ref is None:
+            raise InputMissing(f"dataset.captionJobRef {ref!r} cannot be resolved here; give dataset.uris")
+        return [(resolve_ref(ref), f"CaptionJob {ref!r}")]
+    return [(uri, "dataset.uris") for uri in spec.dataset.uris]
+
+
+def splits_of(spec: TrainRunSpec) -> list[str]:
+    return list(dict.fromkeys(stream.split for stream in spec.dataset.mix))
+
+
+def plan_latent_units(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None) -> list[LatentUnit]:
+    planned: list[LatentUnit] = []
+    for root, origin in input_roots(spec, resolve_ref):
+        for split in splits_of(spec):
+            split_root = f"{root.rstrip('/')}/{split}"
+            storage = open_storage(split_root)
+            if not storage.exists("index.json"):
+                raise InputMissing(
+                    f"{split_root}/index.json does not exist: the captions from {origin} are missing or not "
+                    "finished (a CaptionJob writes it once all its units are done)"
+                )
+            # A shard with no samples (MDSWriter can leave one) would make an empty, unreadable unit.
+            shards = [s for s in json.loads(storage.read_text("index.json"))["shards"] if s["samples"]]
+            for start in range(0, len(shards), SHARDS_PER_UNIT):
+                group = shards[start : start + SHARDS_PER_UNIT]
+                columns = dict(zip(group[0]["column_names"], group[0]["column_encodings"], strict=True))
+                if "caption" not in columns or "image" not in columns:
+                    raise InputMissing(f"{split_root} is not a captioned dataset: it has no caption/image")
+                planned.append(LatentUnit(len(planned), split, split_root, group, columns))
+    return planned
+
+
+def plan_hash(spec: TrainRunSpec, roots: list[tuple[str, str]]) -> str:
+    # Latents from another resolution or other encoders must never be mixed into the same output.
+    relevant = {
+        "roots": [root for root, _ in roots],
+        "splits": splits_of(spec),
+        "per_unit": SHARDS_PER_UNIT,
+        "resolution": spec.resolution,
+        "model": spec.model.model_dump(include={"architecture", "vae", "text_encoder", "revision"}),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_plan(spec: TrainRunSpec, layout: StageLayout, resolve_ref: Callable[[str], str] | None) -> Storage:
+    """Plan once and keep it under `_plan/`: reruns see the same units even if the input grows."""
+    plan = layout.plan
+    digest = plan_hash(spec, input_roots(spec, resolve_ref))
+    if plan.exists("units.json"):
+        if json.loads(plan.read_text("units.json"))["hash"] != digest:
+            raise ValueError(
+                f"{plan.uri} was planned from other inputs, resolution or encoders; use a new output.uri"
+            )
+        return plan
+    planned = plan_latent_units(spec, resolve_ref)
+    plan.write_text("units.json", json.dumps({"hash": digest, "units": [asdict(u) for u in planned]}))
+    return plan
+
+
+def read_units(plan: Storage) -> list[LatentUnit]:
+    return [LatentUnit(**unit) for unit in json.loads(plan.read_text("units.json"))["units"]]
+
+
+# --- one unit --------------------------------------------------------------------------------------
+
+
+def output_columns(unit: LatentUnit, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]) -> dict:
+    def ndarray(shape: tuple[int, ...]) -> str:
+        return f"ndarray:float16:{','.join(str(n) for n in shape)}"
+
+    carried = {name: enc for name, enc in unit.columns.items() if name not in SKIPPED_INPUT_COLUMNS}
+    return {"latents": ndarray(latent_shape), "text_hidden": ndarray(text_shape), **carried}
+
+
+class UnitInputs(Dataset[dict[str, Any]]):
+    """Map-style view of a unit's shards: a DataLoader keeps the order and decodes/resizes in workers."""
+
+    def __init__(self, dataset: Any, resolution: int) -> None:
+        self.dataset = dataset
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        row = {name: value for name, value in sample.items() if name not in SKIPPED_INPUT_COLUMNS}
+        try:
+            pixels = load_pixels(sample["image"], self.resolution)
+        except Exception as exc:  # any decoder error means the same thing: this image is unusable
+            return {"row": row, "pixels": None, "error": f"corrupt-image: {type(exc).__name__}: {exc}"}
+        return {"row": row, "pixels": pixels, "error": ""}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [item for item in items if item["pixels"] is not None]
+    return {"items": items, "pixels": torch.stack([item["pixels"] for item in good]) if good else None}
+
+
+def _streaming_view(unit: LatentUnit, local: Path) -> Any:
+    """A StreamingDataset over just this unit's shards: a sub-index in `local`, shards from the root."""
+    from streaming import StreamingDataset
+
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "index.json").write_text(json.dumps({"version": 2, "shards": unit.shards}))
+    return StreamingDataset(remote=unit.split_root, local=str(local), shuffle=False, batch_size=1)
+
+
+def run_unit(
+    spec: TrainRunSpec,
+    unit_index: int,
+    resolve_ref: Callable[[str], str] | None = None,
+    batch_size: int | None = None,
+    loader_workers: int = 1,
+) -> dict[str, Any]:
+    """Encode unit `unit_index`, or return its marker if it already finished."""
+    from streaming import MDSWriter
+
+    layout = layout_of(spec)
+    if units.is_done(layout.output, unit_index):
+        return units.read_marker(layout.output, unit_index)
+    unit = read_units(ensure_plan(spec, layout, resolve_ref))[unit_index]
+    units.begin_unit(layout.output, [unit.split], unit_index)
+    started = time.perf_counter()
+    outcomes: Counter[str] = Counter()
+    licenses: Counter[str] = Counter()
+    failures: list[dict[str, Any]] = []
+    encoders = load_encoders(spec)
+    batch = batch_size or spec.schedule.micro_batch_size
+    with tempfile.TemporaryDirectory(prefix=f"commoncanvas-latents-{unit_index:06d}-") as tmp:
+        dataset = _streaming_view(unit, Path(tmp) / "input")
+        loader = DataLoader(
+            UnitInputs(dataset, spec.resolution),
+            batch_size=batch,
+            shuffle=False,
+            num_workers=loader_workers,
+            collate_fn=collate,
+            prefetch_factor=2 if loader_workers else None,
+        )
+        local_out = units.staging_dir(layout.output, unit.split, unit_index, Path(tmp) / "output")
+        writer: Any = None
+        for inputs in loader:
+            batch_started = time.perf_counter()
+            good = [item for item in inputs["items"] if item["pixels"] is not None]
+            if good:
+                latents, hidden = encoders.encode(inputs["pixels"], [item["row"]["caption"] for item in good])
+                if writer is None:  # the shapes come from the encoders, so open the writer on the first batch
+                    columns = output_columns(unit, latents.shape[1:], hidden.shape[1:])
+                    writer = MDSWriter(out=str(local_out), columns=columns, size_limit="256mb")
+                for item, latent, text in zip(good, latents, hidden, strict=True):
+                    writer.write({**item["row"], "latents": latent, "text_hidden": text})
+                    licenses[str(item["row"].get("license_code", ""))] += 1
+            for item in inputs["items"]:
+                outcome = item["error"].split(":", 1)[0] if item["error"] else "ok"
+                outcomes[outcome] += 1
+                metrics.SAMPLES.labels(STAGE, unit.split, outcome).inc()
+                if item["error"]:
+                    failures.append(
+                        {"photo_id": int(item["row"]["photo_id"]), "reason": outcome, "detail": item["error"]}
+                    )
+            metrics.BATCH_SECONDS.labels(STAGE).observe(time.perf_counter() - batch_started)
+        if writer is not None:
+            writer.finish()
+            units.publish_unit(layout.output, unit.split, unit_index, local_out)
+    seconds = time.perf_counter() - started
+    assert sum(outcomes.values()) == len(dataset), "every input sample must have an outcome"
+    stats = {
+        "unit": unit_index,
+        "split": unit.split,
+        "input": len(dataset),
+        "written": outcomes["ok"],
+        "outcomes": dict(sorted(outcomes.items())),
+        "licenses": dict(sorted(licenses.items())),
+        "seconds": round(seconds, 3),
+        "resolution": spec.resolution,
+        "failures": failures,
+    }
+    units.finish_unit(layout.output, unit_index, stats)
+    metrics.UNITS.labels(STAGE, "succeeded").inc()
+    metrics.UNIT_SECONDS.labels(STAGE).observe(seconds)
+    metrics.IMAGES_PER_SECOND.labels(STAGE).set(outcomes["ok"] / seconds if seconds else 0)
+    log.info(
+        "latents unit %d (%s): %d/%d encoded in %.1fs",
+        unit_index,
+        unit.split,
+        outcomes["ok"],
+        len(dataset),
+        seconds,
+    )
+    return stats
+
+
+def finalize(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Once every unit has its marker: merge each split's index, write the empty caption's hidden
+    states (training's caption dropout needs them without a text encoder) and the summary."""
+    layout = layout_of(spec)
+    plan = ensure_plan(spec, layout, resolve_ref)
+    merged = units.summarize(layout, {u.unit: u.split for u in read_units(plan)})
+    if not layout.output.exists(NULL_TEXT_KEY):
+        encoders = load_encoders(spec)
+        hidden = encode_captions(encoders.text_encoder, encoders.tokenizer, [""])[0]
+        buffer = io.BytesIO()
+        np.save(buffer, _float16(hidden))
+        layout.output.write_bytes(NULL_TEXT_KEY, buffer.getvalue())
+    excluded = merged.pop("failed")
+    result = {**merged, "excluded": excluded, "null_text_hidden": layout.output.url(NULL_TEXT_KEY)}
+    layout.output.write_text("summary.json", json.dumps(result, indent=1))
+    return result
+
+
+def run_latents(
+    spec: TrainRunSpec,
+    label: str,
+    resolve_ref: Callable[[str], str] | None = None,
+    processes: int = 1,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """The whole phase on this machine: plan, the unfinished units in a process pool, then finalize."""
+    from functools import partial
+
+    from commoncanvas.runner import run_units
+
+    layout = layout_of(spec)
+    total = len(read_units(ensure_plan(spec, layout, resolve_ref)))
+    run_units(
+        f"{label} latents",
+        total,
+        units.done_units(layout.output),
+        partial(run_unit, spec, resolve_ref=resolve_ref),
+        processes,
+        show_progress,
+    )
+    return finalize(spec, resolve_ref)

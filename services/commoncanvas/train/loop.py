@@ -1,0 +1,548 @@
+"""One TrainRun training process: one rank of torchrun, or the whole run when started alone.
+
+Read `train` top to bottom: the model parts, the speed-up switches, the optimizer, the data, the resume
+from the newest checkpoint, then the loop (micro-batches -> noise -> UNet -> loss -> optimizer step ->
+EMA -> metrics, samples, checkpoints), then the export (a diffusers pipeline with the EMA weights) and the
+data card.  Every speed-up is a switch applied before the loop; the loop is the same with all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from commoncanvas import metrics
+from commoncanvas.specs.common import Condition, Phase, SpecError
+from commoncanvas.specs.train import TrainRun, TrainRunSpec, TrainRunStatus
+from commoncanvas.storage import Storage, open_storage
+from commoncanvas.train.checkpoint import CheckpointStore, Progress, Trainable, gather_weights
+from commoncanvas.train.data import (
+    CaptionedImages,
+    PrecomputedLatents,
+    data_cache_dir,
+    dataset_roots,
+    epochs_of,
+    make_loader,
+    make_streams,
+    null_text_hidden,
+    plan_streams,
+    streaming_nodes_are_hosts,
+)
+from commoncanvas.train.datacard import CARD_JSON, MANIFEST, DatasetStream, write_datacard
+from commoncanvas.train.latents import encode_images, latents_uri
+from commoncanvas.train.model import (
+    ModelParts,
+    autocast_dtype,
+    build_model,
+    compiled,
+    configure_speedups,
+    ema_updates_at,
+    gradient_sync,
+    inference_pipeline,
+    inference_scheduler,
+    make_ema,
+    wrap_for_training,
+)
+from commoncanvas.train.world import World, close_world, init_world, sum_over_ranks
+
+log = logging.getLogger(__name__)
+STATUS = "status.json"
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The LR multiplier for optimizer step `step` (0-based): linear warmup to 1, then constant."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    per_pass = micro_batch * world_size
+    if global_batch % per_pass:
+        raise SpecError(
+            f"schedule.globalBatchSize {global_batch} is not a multiple of schedule.microBatchSize "
+            f"{micro_batch} x {world_size} processes = {per_pass}; change one of them"
+        )
+    return global_batch // per_pass
+
+
+def run_training(run: TrainRun, resolve_ref: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Join the process group torchrun describes (if any), train, leave it."""
+    world = init_world()
+    try:
+        return train(run.metadata.name, run.spec, world, resolve_ref)
+    finally:
+        close_world(world)
+
+
+def train(
+    name: str, spec: TrainRunSpec, world: World, resolve_ref: Callable[[str], str] | None = None
+) -> dict[str, Any]:
+    """Train TrainRun `name` as this rank of `world`; returns a summary (rank 0's has the outputs)."""
+    schedule, opts = spec.schedule, spec.optimizations
+    output = open_storage(spec.output.uri)
+    report = Reporter(name, spec, world, output)
+    if os.environ.get("METRICS_PORT"):  # rank 0 has the run's metrics; every rank its GPU memory
+        metrics.serve(int(os.environ["METRICS_PORT"]) + world.local_rank)
+
+    # The training set's streams first: a missing dataset fails before minutes of model loading.
+    planned = plan_training_streams(spec, resolve_ref)
+
+    # Model parts, built identically on every rank; the VAE and text encoder stay frozen.
+    parts = build_model(spec, world.device)
+    sharded = world.distributed and opts.fsdp != "off"
+    configure_speedups(parts, opts, sharded)  # attention kernel, norm precision, memory format, recompute
+    unet = parts.unet.to(world.device).train()
+    train_unet = wrap_for_training(unet, opts.fsdp, world)  # DDP, FSDP2, or the UNet itself
+    forward_unet = compiled(train_unet, opts.compile)
+    ema = make_ema(unet, opts.ema, sharded)
+    amp_dtype = autocast_dtype(opts.mixed_precision, world.device)
+    num_timesteps = parts.noise_scheduler.config.num_train_timesteps
+
+    # Optimizer: AdamW, linear LR warmup then constant; loss scaling only for fp16.
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=schedule.learning_rate, weight_decay=schedule.weight_decay
+    )
+    lr_scheduler = LambdaLR(optimizer, partial(warmup_factor, warmup_steps=schedule.warmup_steps))
+    grad_scaler = torch.amp.GradScaler(world.device.type, enabled=amp_dtype == torch.float16)
+    accumulation = gradient_accumulation_steps(
+        schedule.global_batch_size, schedule.micro_batch_size, world.size
+    )
+    images_per_step = schedule.micro_batch_size * accumulation * world.size
+
+    # Data: one stream per (root, split), sharded over ranks by streaming.
+    dataset = training_dataset(name, spec, planned, parts, world)
+    loader = make_loader(dataset, schedule.micro_batch_size, spec.dataset.loader_workers)
+
+    # Resume from the newest checkpoint, if any: weights, optimizer, EMA, LR, RNG, dataloader position.
+    checkpoints = CheckpointStore(spec.checkpoint.uri, spec.checkpoint.keep)
+    trainable = Trainable(unet, optimizer, lr_scheduler, ema, loader, grad_scaler)
+    seed_rank(schedule.seed, world.rank)  # each rank its own noise, unless the checkpoint restores it
+    progress = checkpoints.restore(trainable, world) or Progress()
+    if peak_flops(world.device):  # MFU needs the model's FLOPs per image, counted once
+        report.flops_per_image = unet_training_flops(parts, unet, schedule.micro_batch_size, world.device)
+    report.started(progress, accumulation)
+
+    seen: list[dict[str, Any]] = []  # this rank's samples since the last checkpoint
+    batches = epochs_of(loader, dataset)
+    session_start, seconds_before = time.perf_counter(), progress.train_seconds
+    stop = "max-steps" if progress.step >= schedule.max_steps else ""
+    with StopOnSigterm() as sigterm:
+        while not stop:
+            step_start = time.perf_counter()
+            step_loss = torch.zeros((), device=world.device)
+            for micro in range(accumulation):
+                epoch, batch = next(batches)
+                with gradient_sync(train_unet, enabled=micro == accumulation - 1):
+                    with torch.autocast(world.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        latents, text_hidden = encode(parts, batch, world.device)
+                        noise = torch.randn_like(latents)
+                        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=world.device)
+                        loss = prediction_loss(forward_unet, parts, latents, text_hidden, noise, timesteps)
+                    grad_scaler.scale(loss / accumulation).backward()
+                step_loss += loss.detach() / accumulation
+                seen += [
+                    {**r, "epoch": epoch, "step": progress.step + 1, "rank": world.rank}
+                    for r in batch["records"]
+                ]
+            learning_rate = float(optimizer.param_groups[0]["lr"])
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            progress.step += 1
+            progress.epoch = epoch
+            progress.images_seen += images_per_step
+            if ema is not None and ema_updates_at(progress.step, opts.ema):
+                ema.step(unet.parameters())
+
+            # One collective a step: the mean loss, and whether any rank must stop (time or SIGTERM).
+            progress.train_seconds = seconds_before + time.perf_counter() - session_start
+            out_of_time = bool(schedule.max_duration_seconds) and (
+                progress.train_seconds >= schedule.max_duration_seconds
+            )
+            flags = torch.tensor(
+                [step_loss.item(), float(out_of_time), float(sigterm.received)], device=world.device
+            )
+            totals = sum_over_ranks(world, flags).tolist()
+            stop = stop_reason(
+                progress.step, schedule.max_steps, out_of_time=totals[1] > 0, sigterm=totals[2] > 0
+            )
+            report.stepped(progress, totals[0] / world.size, learning_rate, step_start, images_per_step)
+
+            if progress.step % spec.samples.interval_steps == 0:
+                write_samples(parts, unet, spec, progress.step, output, world, amp_dtype)
+            if stop or progress.step % spec.checkpoint.interval_steps == 0:
+                checkpoints.save(trainable, progress, seen, world)
+                seen = []
+                report.checkpointed(progress)
+
+    if stop == "terminated":
+        report.finished(progress, Phase.RUNNING, {}, f"stopped by SIGTERM at step {progress.step}")
+        return {**report.summary(progress), "stopped": stop}
+    outputs = {
+        "pipeline": export_pipeline(parts, unet, ema, output, world),
+        "samples": output.url("samples"),
+        "checkpoints": spec.checkpoint.uri,
+    }
+    if world.is_main:
+        write_datacard(
+            output,
+            checkpoints.seen_records(progress),
+            [stream for stream, _ in planned],
+            run=name,
+            step=progress.step,
+            images_seen=progress.images_seen,
+        )
+        outputs |= {"datacard": output.url(CARD_JSON), "attribution": output.url(MANIFEST)}
+    report.finished(progress, Phase.SUCCEEDED, outputs, f"trained {progress.step} steps ({stop})")
+    return {**report.summary(progress), "stopped": stop, "outputs": outputs}
+
+
+# --- the pieces the loop calls -----------------------------------------------------------------------
+
+
+def stop_reason(step: int, max_steps: int, *, out_of_time: bool, sigterm: bool) -> str:
+    """Why the loop ends after this step ('' = it goes on); the flags are OR-ed over all ranks."""
+    if step >= max_steps:
+        return "max-steps"
+    if out_of_time:
+        return "max-duration"
+    return "terminated" if sigterm else ""
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Different noise and timesteps on every rank, reproducible per (seed, rank)."""
+    rank_seed = seed * 1_000_003 + rank
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    torch.manual_seed(rank_seed)
+
+
+def plan_training_streams(
+    spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None
+) -> list[tuple[DatasetStream, float | None]]:
+    """The captioned dataset's streams, or the LATENTS phase's when the encoders are skipped."""
+    if spec.optimizations.precompute_latents:
+        return plan_streams([latents_uri(spec)], spec, "the LATENTS phase")
+    ref = spec.dataset.caption_job_ref
+    origin = f"CaptionJob {ref!r}" if ref else "dataset.uris"
+    return plan_streams(dataset_roots(spec, resolve_ref), spec, origin)
+
+
+def training_dataset(
+    name: str,
+    spec: TrainRunSpec,
+    planned: list[tuple[DatasetStream, float | None]],
+    parts: ModelParts,
+    world: World,
+) -> Any:
+    """Captioned images (encoded every step), or precomputed latents (encoders skipped)."""
+    common: dict[str, Any] = {
+        "streams": make_streams(planned, data_cache_dir(name, world)),
+        "micro_batch": spec.schedule.micro_batch_size,
+        "seed": spec.schedule.seed,
+        "caption_dropout": spec.dataset.caption_dropout,
+    }
+    with streaming_nodes_are_hosts(world):
+        if spec.optimizations.precompute_latents:
+            return PrecomputedLatents(**common, empty_text_hidden=null_text_hidden(spec))
+        return CaptionedImages(**common, resolution=spec.resolution, tokenizer=parts.tokenizer)
+
+
+@torch.no_grad()
+def encode(
+    parts: ModelParts, batch: dict[str, Any], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, text states) in fp32, from the batch's pixels and token ids or its precomputed latents."""
+    if "latents" in batch:
+        return batch["latents"].to(device, torch.float32), batch["text_hidden"].to(device, torch.float32)
+    # The LATENTS phase's encoding (scaled latent means), so both paths train on the same latents; the
+    # captions were tokenized in the loader's workers with encode_captions' arguments.
+    latents = encode_images(parts.vae, batch["pixels"].to(device, non_blocking=True))
+    text_hidden = parts.text_encoder(batch["input_ids"].to(device, non_blocking=True), return_dict=False)[0]
+    # Noise is added in fp32: in bf16 the small noise levels of early timesteps would round away.
+    return latents.float(), text_hidden.float()
+
+
+def prediction_loss(
+    unet_forward: Callable[..., Any],
+    parts: ModelParts,
+    latents: torch.Tensor,
+    text_hidden: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Noise the latents to `timesteps`, predict, and take the MSE to the target of the prediction type:
+    the noise itself (epsilon, SD2-base) or the velocity (v-prediction, SD2 768)."""
+    scheduler = parts.noise_scheduler
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet_forward(noisy, timesteps, encoder_hidden_states=text_hidden, return_dict=False)[0]
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def write_samples(
+    parts: ModelParts,
+    unet: nn.Module,
+    spec: TrainRunSpec,
+    step: int,
+    output: Storage,
+    world: World,
+    amp_dtype: torch.dtype | None,
+) -> None:
+    """Images for the sample prompts, from the current weights, to `samples/step-NNNNNNNN/` (rank 0).
+    Under FSDP every rank runs the UNet (its forward gathers the shards); under DDP rank 0 alone does."""
+    sharded = world.distributed and spec.optimizations.fsdp != "off"
+    if not (world.is_main or sharded):
+        return
+    pipe = inference_pipeline(parts, unet)
+    unet.eval()
+    try:
+        with (
+            torch.no_grad(),
+            torch.autocast(world.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+        ):
+            images = pipe(
+                spec.samples.prompts,
+                height=spec.resolution,
+                width=spec.resolution,
+                num_inference_steps=spec.samples.inference_steps,
+                guidance_scale=spec.samples.guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(spec.schedule.seed),
+            ).images
+    finally:
+        unet.train()
+    if world.is_main:
+        folder = f"samples/step-{step:08d}"
+        for index, image in enumerate(images):
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            output.write_bytes(f"{folder}/{index:02d}.png", png.getvalue())
+        output.write_text(f"{folder}/prompts.txt", "\n".join(spec.samples.prompts) + "\n")
+
+
+def export_pipeline(parts: ModelParts, unet: nn.Module, ema: Any, output: Storage, world: World) -> str:
+    """`pipeline/`: a StableDiffusionPipeline directory with the EMA weights (the UNet's own without EMA).
+    Collective (the weights are gathered to rank 0); rank 0 writes, model_index.json last."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    weights = gather_weights(unet, ema)
+    if not world.is_main:
+        return ""
+    # Fresh modules: plain norms, default attention, contiguous weights, whatever the switches did.
+    final_unet = UNet2DConditionModel.from_config(parts.unet.config)
+    final_unet.load_state_dict(weights)
+    vae = AutoencoderKL.from_config(parts.vae.config)
+    vae.load_state_dict(parts.vae.state_dict())
+    text_encoder = CLIPTextModel(parts.text_encoder.config)
+    text_encoder.load_state_dict(parts.text_encoder.state_dict())
+    pipe: Any = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=final_unet,
+        scheduler=inference_scheduler(parts),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with tempfile.TemporaryDirectory(prefix="commoncanvas-pipeline-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        # model_index.json makes the directory a pipeline: written last, it is never half there.
+        for path in sorted(files, key=lambda p: p.name == "model_index.json"):
+            output.upload_file(f"pipeline/{path.relative_to(tmp).as_posix()}", path)
+    return output.url("pipeline")
+
+
+class StopOnSigterm:
+    """SIGTERM (a preemption, a pod eviction) ends the run at the end of the current step, after a
+    checkpoint, instead of losing the steps since the last one."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("SIGTERM: stopping after this step's checkpoint")
+        self.received = True
+
+    def __enter__(self) -> StopOnSigterm:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- progress: logs, Prometheus metrics, status.json -------------------------------------------------
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16/fp16 per GPU
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Reporter:
+    """Rank 0 logs, exports metrics and writes `status.json` (for the operator); other ranks are quiet."""
+
+    name: str
+    spec: TrainRunSpec
+    world: World
+    output: Storage
+    status: TrainRunStatus = field(default_factory=TrainRunStatus)
+    last_written: float = 0.0
+    last_logged: float = 0.0
+    loss: float = 0.0
+    flops_per_image: float = 0.0
+
+    def started(self, progress: Progress, accumulation: int) -> None:
+        metrics.TRAIN_RESTARTS.set(self.world.restarts)
+        self.status.start_time = _now()
+        self.status.restarts = self.world.restarts
+        self.status.last_checkpoint = progress.last_checkpoint
+        how = f"resumed at step {progress.step}" if progress.step else "starting"
+        if self.world.is_main:
+            log.info(
+                "%s: %s of %d; %d processes x micro-batch %d x %d accumulation = %d images per step",
+                self.name,
+                how,
+                self.spec.schedule.max_steps,
+                self.world.size,
+                self.spec.schedule.micro_batch_size,
+                accumulation,
+                self.spec.schedule.global_batch_size,
+            )
+        self._write(progress, Phase.RUNNING, how)
+
+    def stepped(
+        self, progress: Progress, loss: float, lr: float, step_start: float, images_per_step: int
+    ) -> None:
+        seconds = time.perf_counter() - step_start
+        images_per_second = images_per_step / seconds if seconds else 0.0
+        self.loss = loss
+        self.status.images_per_second = round(images_per_second, 3)
+        if torch.cuda.is_available():
+            metrics.GPU_MEMORY_BYTES.labels("train").set(torch.cuda.max_memory_allocated(self.world.device))
+        if not self.world.is_main:
+            return
+        metrics.TRAIN_STEP.set(progress.step)
+        metrics.TRAIN_IMAGES_SEEN.set(progress.images_seen)
+        metrics.TRAIN_LOSS.set(loss)
+        metrics.TRAIN_LEARNING_RATE.set(lr)
+        metrics.TRAIN_STEP_SECONDS.observe(seconds)
+        metrics.IMAGES_PER_SECOND.labels("train").set(images_per_second)
+        if self.flops_per_image:
+            # Model FLOPs actually done per second over what the devices could do at peak.
+            mfu = self.flops_per_image * images_per_second / (peak_flops(self.world.device) * self.world.size)
+            metrics.TRAIN_MFU.set(mfu)
+        now = time.monotonic()
+        if progress.step == 1 or now - self.last_logged >= 10:
+            self.last_logged = now
+            log.info(
+                "step %d/%d  loss %.4f  lr %.3g  %.1f images/s  %.2fs/step",
+                progress.step,
+                self.spec.schedule.max_steps,
+                loss,
+                lr,
+                images_per_second,
+                seconds,
+            )
+        if now - self.last_written >= 30:
+            self._write(progress, Phase.RUNNING, "")
+
+    def checkpointed(self, progress: Progress) -> None:
+        self.status.last_checkpoint = progress.last_checkpoint
+        self._write(progress, Phase.RUNNING, f"checkpoint at step {progress.step}")
+
+    def finished(self, progress: Progress, phase: Phase, outputs: dict[str, str], message: str) -> None:
+        self.status.outputs = outputs
+        if phase == Phase.SUCCEEDED:
+            self.status.completion_time = _now()
+        if self.world.is_main:
+            log.info("%s: %s", self.name, message)
+        self._write(progress, phase, message)
+
+    def summary(self, progress: Progress) -> dict[str, Any]:
+        return {
+            "step": progress.step,
+            "imagesSeen": progress.images_seen,
+            "loss": self.loss,
+            "checkpoint": progress.last_checkpoint,
+        }
+
+    def _write(self, progress: Progress, phase: Phase, message: str) -> None:
+        if not self.world.is_main:
+            return
+        self.status.phase = phase
+        self.status.step = progress.step
+        self.status.images_seen = progress.images_seen
+        self.status.loss = round(self.loss, 6)
+        self.status.progress = f"{progress.step}/{self.spec.schedule.max_steps}"
+        if message:
+            self.status.conditions = [
+                Condition(
+                    type="Progressing",
+                    status="True",
+                    reason=phase.value,
+                    message=message,
+                    last_transition_time=_now(),
+                )
+            ]
+        self.output.write_text(STATUS, self.status.model_dump_json(by_alias=True, indent=1))
+        self.last_written = time.monotonic()
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak FLOP/s of one device for MFU: $COMMONCANVAS_PEAK_FLOPS, else known GPUs; 0 = unknown."""
+    if os.environ.get("COMMONCANVAS_PEAK_FLOPS"):
+        return float(os.environ["COMMONCANVAS_PEAK_FLOPS"])
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), 0.0)
+
+
+def unet_training_flops(parts: ModelParts, unet: nn.Module, micro_batch: int, device: torch.device) -> float:
+    """Model FLOPs per trained image: the UNet's forward counted once on a dummy micro-batch, times 3
+    (forward + backward), plus nothing for the frozen encoders (they do not train)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    side = parts.unet.config.sample_size
+    latents = torch.zeros(micro_batch, parts.unet.config.in_channels, side, side, device=device)
+    text = torch.zeros(
+        micro_batch, parts.tokenizer.model_max_length, parts.text_encoder.config.hidden_size, device=device
+    )
+    timesteps = torch.zeros(micro_batch, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unet(latents, timesteps, encoder_hidden_states=text, return_dict=False)
+    return 3 * counter.get_total_flops() / micro_batch
