@@ -128,6 +128,21 @@ _METRICS_PORT = click.option(
 )
 
 
+_TERMINATION_LOG = click.option(
+    "--termination-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the unit count here (a pod's /dev/termination-log, read by the operator)",
+)
+
+
+def _report_units(count: int, termination_log: Path | None) -> None:
+    body = json.dumps({"units": count})
+    if termination_log is not None:
+        termination_log.write_text(body)
+    click.echo(body)
+
+
 @scrape.command("unit")
 @_FILE
 @_UNIT
@@ -140,6 +155,17 @@ def scrape_unit(file: Path, unit: int | None, metrics_port: int) -> None:
     metrics.serve(metrics_port)
     stats = run_unit(_load_one(file, "ScrapeJob").spec, _unit_index(unit))
     _echo_json({k: v for k, v in stats.items() if k != "failures"})
+
+
+@scrape.command("prepare")
+@_FILE
+@_TERMINATION_LOG
+def scrape_prepare(file: Path, termination_log: Path | None) -> None:
+    """Plan the ScrapeJob in FILE once (kept under its output) and print {"units": N}."""
+    from commoncanvas.scrape.worker import ensure_plan, layout_of
+
+    spec = _load_one(file, "ScrapeJob").spec
+    _report_units(int(ensure_plan(spec, layout_of(spec))["units"]), termination_log)
 
 
 @scrape.command("finalize")
@@ -170,13 +196,64 @@ def caption_unit(file: Path, unit: int | None, metrics_port: int) -> None:
     _echo_json({k: v for k, v in stats.items() if k != "failures"})
 
 
+@caption.command("prepare")
+@_FILE
+@_TERMINATION_LOG
+def caption_prepare(file: Path, termination_log: Path | None) -> None:
+    """Plan the CaptionJob in FILE once (input.uris must be resolved) and print {"units": N}."""
+    from commoncanvas.caption.unitplan import CaptionLayout, ensure_caption_plan, read_caption_units
+
+    spec = _load_one(file, "CaptionJob").spec
+    plan = ensure_caption_plan(spec, CaptionLayout.at(spec.output.uri), None)
+    _report_units(len(read_caption_units(plan)), termination_log)
+
+
 @caption.command("finalize")
 @_FILE
 def caption_finalize(file: Path) -> None:
     """Merge the finished units' indexes and print the job summary."""
-    from commoncanvas.caption.worker import finalize
+    from commoncanvas.caption.unitplan import finalize
 
     _echo_json(finalize(_load_one(file, "CaptionJob").spec))
+
+
+@main.group()
+def latents() -> None:
+    """The TrainRun's latents phase (optimizations.precomputeLatents), step by step."""
+
+
+@latents.command("unit")
+@_FILE
+@_UNIT
+@_METRICS_PORT
+def latents_unit(file: Path, unit: int | None, metrics_port: int) -> None:
+    """Encode one work unit of the TrainRun in FILE to VAE and text latents (dataset.uris resolved)."""
+    from commoncanvas import metrics
+    from commoncanvas.train.latents import run_unit
+
+    metrics.serve(metrics_port)
+    stats = run_unit(_load_one(file, "TrainRun").spec, _unit_index(unit))
+    _echo_json({k: v for k, v in stats.items() if k != "failures"})
+
+
+@latents.command("prepare")
+@_FILE
+@_TERMINATION_LOG
+def latents_prepare(file: Path, termination_log: Path | None) -> None:
+    """Plan the latents phase of the TrainRun in FILE once (dataset.uris resolved); print {"units": N}."""
+    from commoncanvas.train.latents import ensure_plan, layout_of, read_units
+
+    spec = _load_one(file, "TrainRun").spec
+    _report_units(len(read_units(ensure_plan(spec, layout_of(spec), None))), termination_log)
+
+
+@latents.command("finalize")
+@_FILE
+def latents_finalize(file: Path) -> None:
+    """Merge the finished units' indexes and print the phase summary."""
+    from commoncanvas.train.latents import finalize
+
+    _echo_json(finalize(_load_one(file, "TrainRun").spec))
 
 
 @main.command()

@@ -1,0 +1,218 @@
+"""kopf handlers: glue between the API server and the pure builders and reducers.
+
+A stage's life, every ``reconcileSeconds`` (a kopf timer, so an operator restarted at any moment picks
+up where the cluster is): observe (upstream, children, plan pod, store) -> ``next_steps`` -> apply those
+children with server-side apply -> ``reduce_stage`` -> status patch and Events on transitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from commoncanvas_operator import builders, metrics, reducers, store
+from commoncanvas_operator.builders import GROUP, STAGES, VERSION
+from commoncanvas_operator.kube import Kube, collection_path
+from commoncanvas_operator.settings import Settings
+
+Obj = dict[str, Any]
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+PHASES = ("Pending", "Waiting", "Running", "Succeeded", "Failed", "Suspended")
+SETTINGS = Settings.load()
+_connection: list[kopf.ConnectionInfo] = []
+_clients: dict[int, Kube] = {}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our status is our own schema: keep kopf's bookkeeping in annotations, where nothing prunes it.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.WARNING
+    if SETTINGS.operator_metrics_port:
+        start_http_server(SETTINGS.operator_metrics_port)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None:
+        _connection[:] = [info]
+    return info
+
+
+@kopf.on.cleanup()
+async def close_clients(**_: Any) -> None:
+    for client in _clients.values():
+        await client.close()
+    _clients.clear()
+
+
+def kube() -> Kube:
+    """One client per event loop (kopf runs one), made once kopf has logged in."""
+    loop = id(asyncio.get_running_loop())
+    if loop not in _clients:
+        if not _connection:
+            raise kopf.TemporaryError("not logged in to the API server yet", delay=1)
+        _clients[loop] = Kube(_connection[0])
+    return _clients[loop]
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def read_upstream(kind: str, spec: Obj, namespace: str) -> reducers.Upstream | None:
+    ref = builders.upstream_ref(kind, spec)
+    if ref is None:
+        return None
+    upstream_kind, name = ref
+    path = f"{collection_path(f'{GROUP}/{VERSION}', upstream_kind, namespace)}/{name}"
+    body = await kube().get(path)
+    if body is None:
+        return reducers.Upstream(upstream_kind, name, found=False)
+    status = body.get("status") or {}
+    failed: Obj = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
+    return reducers.Upstream(
+        upstream_kind,
+        name,
+        phase=status.get("phase") or "",
+        message=failed.get("message", ""),
+        output_uri=((body.get("spec") or {}).get("output") or {}).get("uri"),
+    )
+
+
+async def plan_pod_message(namespace: str, name: str) -> str:
+    """The termination message of the plan Job's last finished pod (the unit count, or why it failed)."""
+    pods = await kube().list(
+        collection_path("v1", "Pod", namespace),
+        f"batch.kubernetes.io/job-name={builders.child_name(name, 'plan')}",
+    )
+    finished = [p for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
+    finished.sort(key=lambda p: (p["status"].get("phase") == "Succeeded", p["metadata"]["creationTimestamp"]))
+    for pod in reversed(finished):
+        for container in pod["status"].get("containerStatuses") or []:
+            message = ((container.get("state") or {}).get("terminated") or {}).get("message")
+            if message:
+                return str(message)
+    return ""
+
+
+def refused_change(applied_uri: str | None, wanted_uri: str) -> str:
+    if applied_uri is None or applied_uri == wanted_uri:
+        return ""
+    return (
+        f"spec.output.uri changed from {applied_uri} to {wanted_uri}, but this resource's work already "
+        f"writes to {applied_uri}; set it back, or create a new resource for a new output"
+    )
+
+
+async def observe_stage(body: Obj) -> tuple[reducers.Observed, str]:
+    kind, meta, spec = body["kind"], body["metadata"], body["spec"]
+    namespace, name = meta["namespace"], meta["name"]
+    client = kube()
+    wanted_uri = spec["output"]["uri"]
+    job_file = await client.get(
+        f"{collection_path('v1', 'ConfigMap', namespace)}/{builders.child_name(name, 'job')}"
+    )
+    applied_uri = builders.applied_output_uri(job_file)
+    output_uri = applied_uri or wanted_uri
+    invalid = ""
+    try:
+        builders.stage_pod_template(body, "units", SETTINGS)
+    except KeyError as error:
+        invalid = f"spec.nodePool: {error.args[0]}"
+    jobs_path = collection_path("batch/v1", "Job", namespace)
+    views = {
+        step: reducers.JobView.of(await client.get(f"{jobs_path}/{builders.child_name(name, step)}"))
+        for step in builders.STEPS
+    }
+    plan_units: int | None = None
+    plan_message = ""
+    plan = views["plan"]
+    if plan is not None and (plan.complete or plan.failed):
+        plan_message = await plan_pod_message(namespace, name)
+        plan_units = reducers.parse_unit_count(plan_message) if plan.complete else None
+        if plan.complete and plan_units is None:
+            # A kubelet that does not keep the termination message: the plan itself is in the store.
+            plan_units = await asyncio.to_thread(store.planned_units, kind, output_uri)
+    units = views["units"]
+    markers = None
+    if units is not None and not units.complete:
+        markers = await asyncio.to_thread(store.marker_count, output_uri)
+    final = views["finalize"]
+    summary = await asyncio.to_thread(store.read_summary, output_uri) if final and final.complete else None
+    observed = reducers.Observed(
+        generation=int(meta.get("generation") or 0),
+        now=now(),
+        previous=dict(body.get("status") or {}),
+        upstream=await read_upstream(kind, spec, namespace),
+        invalid=invalid,
+        refused_change=refused_change(applied_uri, wanted_uri),
+        plan=plan,
+        plan_units=plan_units,
+        plan_message=plan_message,
+        units=units,
+        finalize=final,
+        markers=markers,
+        summary=summary,
+    )
+    return observed, output_uri
+
+
+async def apply_steps(owner: kopf.Body, body: Obj, observed: reducers.Observed) -> None:
+    steps = reducers.next_steps(observed)
+    upstream_uri = observed.upstream.output_uri if observed.upstream else None
+    children: list[Obj] = []
+    for step in steps:
+        if step == "job":
+            children.append(builders.build_job_file(builders.resolve_resource(body, upstream_uri)))
+        else:
+            units = observed.plan_units or 1
+            children.append(builders.build_stage_job(body, step, SETTINGS, units=units))
+    kopf.adopt(children, owner=owner)
+    for child in children:
+        await kube().apply(child)
+
+
+async def reconcile_stage(body: kopf.Body, patch: kopf.Patch, logger: Logger) -> None:
+    started = time.monotonic()
+    raw: Obj = dict(body)
+    kind, meta = raw["kind"], raw["metadata"]
+    try:
+        observed, output_uri = await observe_stage(raw)
+        await apply_steps(body, raw, observed)
+        status = reducers.reduce_stage(kind, output_uri, observed)
+    except Exception:
+        metrics.RECONCILES.labels(kind, "error").inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
+    metrics.RECONCILES.labels(kind, "ok").inc()
+    for event_type, reason, message in reducers.transition_events(observed.previous, status):
+        kopf.event(body, type=event_type, reason=reason, message=message)
+        logger.info("%s %s: %s", reason, meta["name"], message)
+    metrics.record(kind, meta["namespace"], meta["name"], status, PHASES)
+    if {k: observed.previous.get(k) for k in status} != status:
+        patch.status.update(status)
+
+
+def _register(plural: str) -> None:
+    @kopf.timer(GROUP, VERSION, plural, id="reconcile", interval=SETTINGS.reconcile_seconds)
+    async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Logger, **_: Any) -> None:
+        await reconcile_stage(body, patch, logger)
+
+    @kopf.on.delete(GROUP, VERSION, plural, id="forget", optional=True)
+    def forget(body: kopf.Body, **_: Any) -> None:
+        # Children go with their owner (garbage collection); only our metrics remember it.
+        metrics.forget(body["kind"], body["metadata"]["namespace"], body["metadata"]["name"], PHASES)
+
+
+for _stage in STAGES.values():
+    _register(_stage.plural)

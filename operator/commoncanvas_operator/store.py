@@ -1,0 +1,53 @@
+"""What the operator reads from a stage's output root: the plan's unit count, unit markers, summary.json.
+
+Every read is best-effort: an unreachable or empty store yields None and the Job status decides alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from commoncanvas import units
+from commoncanvas.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(uri: str, key: str) -> Any:
+    storage = open_storage(uri)
+    if not storage.exists(key):
+        return None
+    return json.loads(storage.read_text(key))
+
+
+def planned_units(kind: str, output_uri: str) -> int | None:
+    """The unit count a finished plan pod left under ``{output}/{plan dir}``."""
+    try:
+        plan = units.StageLayout.at(output_uri).plan
+        if kind == "ScrapeJob":
+            summary = json.loads(plan.read_text("summary.json")) if plan.exists("summary.json") else None
+            return int(summary["units"]) if summary else None
+        planned = json.loads(plan.read_text("units.json")) if plan.exists("units.json") else None
+        return len(planned["units"]) if planned else None
+    except Exception as error:  # a store problem must not stop reconciling
+        log.warning("reading the plan under %s: %s", output_uri, error)
+        return None
+
+
+def marker_count(output_uri: str) -> int | None:
+    try:
+        return len(units.done_units(open_storage(output_uri)))
+    except Exception as error:
+        log.warning("counting unit markers under %s: %s", output_uri, error)
+        return None
+
+
+def read_summary(output_uri: str) -> dict[str, Any] | None:
+    try:
+        summary = _read_json(output_uri, "summary.json")
+        return summary if isinstance(summary, dict) else None
+    except Exception as error:
+        log.warning("reading %s/summary.json: %s", output_uri, error)
+        return None

@@ -1,0 +1,296 @@
+"""The operator on the real control plane: installed with the chart's RBAC, run as its ServiceAccount.
+
+kwok plays the kubelet, so no worker really runs: each stage's plan is seeded in MinIO (what the
+plan pod would have written), and the finalize step leaves no summary.json, which the operator
+tolerates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.cluster.harness import A100_POOL, CPU_POOL, GPU_RESOURCE, LocalCluster
+from tests.cluster.kubeapi import ApiError, Obj
+from tests.cluster.kwok_stages import FAIL_ANNOTATION
+from tests.cluster.minio import MinioServer
+from tests.cluster.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "commoncanvas"
+API = "/apis/commoncanvas.dev/v1alpha1"
+
+
+class Operator:
+    """``python -m commoncanvas_operator`` as a subprocess with the chart's ServiceAccount token."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str, env: dict[str, str], log: Path) -> None:
+        self.cluster, self.namespace, self.env, self.log = cluster, namespace, env, log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.liveness = free_port()
+
+    def start(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "commoncanvas_operator",
+            f"--namespace={self.namespace}",
+            "--standalone",
+            f"--liveness=http://127.0.0.1:{self.liveness}/healthz",
+        ]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def operator(cluster: LocalCluster, namespace: str, minio: MinioServer, tmp_path: Path) -> Iterator[Operator]:
+    values = {
+        "operator": {"replicas": 0, "watchNamespace": namespace, "reconcileSeconds": 1},
+        "workers": {"backoffLimitPerIndex": 0},
+        "objectStore": {
+            "endpoint": minio.env()["S3_ENDPOINT_URL"],
+            "accessKeyId": minio.env()["AWS_ACCESS_KEY_ID"],
+            "secretAccessKey": minio.env()["AWS_SECRET_ACCESS_KEY"],
+        },
+        "nodePools": {"cpu": {"nodeSelector": CPU_POOL.node_selector, "tolerations": []}},
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    release = f"cc-{namespace}"
+    subprocess.run(
+        [
+            str(cluster.bin_dir / "helm"),
+            f"--kubeconfig={cluster.kubeconfig}",
+            "install",
+            release,
+            str(CHART),
+            f"--namespace={namespace}",
+            f"--values={values_file}",
+            "--wait",
+            "--timeout=60s",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    config_map = cluster.api.get(f"/api/v1/namespaces/{namespace}/configmaps/{release}-operator")
+    settings = json.loads(config_map["data"]["settings.json"])
+    settings["operatorMetricsPort"] = free_port()
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps(settings))
+    env = {
+        **os.environ,
+        **minio.env(),
+        "KUBECONFIG": str(cluster.service_account_kubeconfig(namespace, f"{release}-operator")),
+        "COMMONCANVAS_OPERATOR_SETTINGS": str(settings_file),
+    }
+    running = Operator(cluster, namespace, env, tmp_path / "operator.log")
+    running.start()
+    try:
+        yield running
+    finally:
+        running.kill()
+        print(running.log.read_text(errors="replace")[-6000:])
+        subprocess.run(
+            [
+                str(cluster.bin_dir / "helm"),
+                f"--kubeconfig={cluster.kubeconfig}",
+                "uninstall",
+                release,
+                f"--namespace={namespace}",
+            ],
+            check=False,
+            capture_output=True,
+        )
+
+
+def scrape_job(name: str, bucket: str, **annotations: str) -> Obj:
+    return {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "ScrapeJob",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "source": {"uri": f"s3://{bucket}/yfcc.tsv"},
+            "output": {"uri": f"s3://{bucket}/{name}"},
+            "parallelism": 2,
+        },
+    }
+
+
+def caption_job(name: str, bucket: str, scrape: str) -> Obj:
+    return {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "CaptionJob",
+        "metadata": {"name": name},
+        "spec": {
+            "input": {"scrapeJobRef": scrape},
+            "output": {"uri": f"s3://{bucket}/{name}"},
+            "gpusPerPod": 2,
+            "parallelism": 2,
+        },
+    }
+
+
+def seed_plans(minio: MinioServer, bucket: str, scrape: tuple[str, int], caption: tuple[str, int]) -> None:
+    """What the plan pods would have written (kwok runs no worker)."""
+    client = minio.client()
+    client.put_object(
+        Bucket=bucket, Key=f"{scrape[0]}/_plan/summary.json", Body=json.dumps({"units": scrape[1]})
+    )
+    units = {"hash": "seeded", "units": [{} for _ in range(caption[1])]}
+    client.put_object(Bucket=bucket, Key=f"{caption[0]}/_plan/units.json", Body=json.dumps(units))
+
+
+def wait_status(
+    cluster: LocalCluster,
+    namespace: str,
+    plural: str,
+    name: str,
+    check: Callable[[Obj], bool],
+    what: str,
+    timeout: float = 60,
+) -> Obj:
+    result: Obj = cluster.api.wait_for(
+        f"{API}/namespaces/{namespace}/{plural}/{name}",
+        lambda obj: check(obj.get("status") or {}),
+        timeout,
+        what,
+    )
+    return result
+
+
+def phase(expected: str) -> Callable[[Obj], bool]:
+    return lambda status: status.get("phase") == expected
+
+
+def jobs(cluster: LocalCluster, namespace: str, resource: str) -> list[Obj]:
+    items: list[Obj] = cluster.api.get(
+        f"/apis/batch/v1/namespaces/{namespace}/jobs",
+        params={"labelSelector": f"commoncanvas.dev/resource={resource}"},
+    )["items"]
+    return items
+
+
+def pods(cluster: LocalCluster, namespace: str, job: str) -> list[Obj]:
+    items: list[Obj] = cluster.api.get(
+        f"/api/v1/namespaces/{namespace}/pods",
+        params={"labelSelector": f"batch.kubernetes.io/job-name={job}"},
+    )["items"]
+    return items
+
+
+def test_caption_waits_for_scrape_then_both_succeed_and_a_restart_duplicates_nothing(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: Operator
+) -> None:
+    seed_plans(minio, bucket, ("yfcc", 3), ("caps", 2))
+    cluster.apply(caption_job("caps", bucket, "yfcc"), namespace)
+    waiting = wait_status(cluster, namespace, "captionjobs", "caps", phase("Waiting"), "CaptionJob Waiting")
+    [upstream] = [c for c in waiting["status"]["conditions"] if c["type"] == "UpstreamReady"]
+    assert "ScrapeJob yfcc" in upstream["message"]
+
+    cluster.apply(scrape_job("yfcc", bucket), namespace)
+    wait_status(
+        cluster,
+        namespace,
+        "scrapejobs",
+        "yfcc",
+        lambda s: (s.get("units") or {}).get("total") == 3,
+        "ScrapeJob planned",
+        60,
+    )
+    # The operator dies mid-way and comes back: it must pick up, not start over.
+    operator.kill()
+    before = {job["metadata"]["name"]: job["metadata"]["uid"] for job in jobs(cluster, namespace, "yfcc")}
+    operator.start()
+
+    scrape = wait_status(cluster, namespace, "scrapejobs", "yfcc", phase("Succeeded"), "ScrapeJob Succeeded")
+    caption = wait_status(
+        cluster, namespace, "captionjobs", "caps", phase("Succeeded"), "CaptionJob Succeeded"
+    )
+
+    assert scrape["status"]["units"] == {"total": 3, "succeeded": 3, "failed": 0}
+    assert scrape["status"]["progress"] == "3/3"
+    assert caption["status"]["units"] == {"total": 2, "succeeded": 2, "failed": 0}
+    assert caption["status"]["observedGeneration"] == caption["metadata"]["generation"]
+    after = {job["metadata"]["name"]: job["metadata"]["uid"] for job in jobs(cluster, namespace, "yfcc")}
+    assert sorted(after) == ["yfcc-finalize", "yfcc-plan", "yfcc-units"]
+    assert all(after[name] == uid for name, uid in before.items())
+
+    [units] = [j for j in jobs(cluster, namespace, "caps") if j["metadata"]["name"] == "caps-units"]
+    assert units["spec"]["completionMode"] == "Indexed" and units["spec"]["completions"] == 2
+    assert units["metadata"]["ownerReferences"][0]["kind"] == "CaptionJob"
+    caption_pods = pods(cluster, namespace, "caps-units")
+    assert caption_pods and {p["spec"]["nodeName"] for p in caption_pods} <= set(
+        cluster.node_names(A100_POOL)
+    )
+    container = caption_pods[0]["spec"]["containers"][0]
+    assert container["resources"]["limits"][GPU_RESOURCE] == "2"
+    assert container["args"] == ["caption", "unit", "/etc/commoncanvas/job.yaml"]
+    job_file = cluster.api.get(f"/api/v1/namespaces/{namespace}/configmaps/caps-job")["data"]["job.yaml"]
+    assert yaml.safe_load(job_file)["spec"]["input"]["uris"] == [f"s3://{bucket}/yfcc"]
+    scrape_pods = pods(cluster, namespace, "yfcc-units")
+    assert {p["spec"]["nodeName"] for p in scrape_pods} <= set(cluster.node_names(CPU_POOL))
+    reasons = {
+        e["reason"]
+        for e in cluster.api.get(f"/api/v1/namespaces/{namespace}/events")["items"]
+        if e["involvedObject"].get("name") == "caps"
+    }
+    assert {"Waiting", "Succeeded"} <= reasons
+
+
+def test_failing_units_fail_the_stage_and_its_downstream_names_it(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: Operator
+) -> None:
+    seed_plans(minio, bucket, ("bad", 2), ("after", 1))
+    cluster.apply(
+        [scrape_job("bad", bucket, **{FAIL_ANNOTATION: "true"}), caption_job("after", bucket, "bad")],
+        namespace,
+    )
+
+    bad = wait_status(cluster, namespace, "scrapejobs", "bad", phase("Failed"), "ScrapeJob Failed", 90)
+    after = wait_status(cluster, namespace, "captionjobs", "after", phase("Failed"), "CaptionJob Failed")
+
+    [failed] = [c for c in bad["status"]["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "FailedIndexes"
+    assert failed["message"].startswith("2 of 2 units failed")
+    assert bad["status"]["units"]["failed"] == 2
+    [downstream] = [c for c in after["status"]["conditions"] if c["type"] == "Failed"]
+    assert downstream["message"].startswith("ScrapeJob bad failed: 2 of 2 units failed")
+    assert jobs(cluster, namespace, "after") == []
+
+
+def test_invalid_resource_is_rejected_and_deleting_one_removes_its_children(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: Operator
+) -> None:
+    invalid = scrape_job("invalid", bucket)
+    invalid["spec"]["unitSize"] = 0
+    with pytest.raises(ApiError) as rejected:
+        cluster.api.create(f"{API}/namespaces/{namespace}/scrapejobs", invalid)
+    assert rejected.value.status_code == 422
+    assert "spec.unitSize" in rejected.value.message
+
+    seed_plans(minio, bucket, ("gone", 1), ("unused", 1))
+    cluster.apply(scrape_job("gone", bucket), namespace)
+    wait_status(cluster, namespace, "scrapejobs", "gone", phase("Succeeded"), "ScrapeJob Succeeded")
+    assert len(jobs(cluster, namespace, "gone")) == 3
+
+    cluster.api.delete(f"{API}/namespaces/{namespace}/scrapejobs/gone")
+
+    deadline = time.monotonic() + 60
+    while jobs(cluster, namespace, "gone") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert jobs(cluster, namespace, "gone") == []

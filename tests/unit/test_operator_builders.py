@@ -1,0 +1,147 @@
+"""The operator's builders: a custom resource -> the Jobs and ConfigMap that run it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from commoncanvas.specs import KINDS, load_resources
+from commoncanvas_operator import builders
+from commoncanvas_operator.settings import Settings
+
+SETTINGS = Settings()
+
+
+def scrape_job(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "ScrapeJob",
+        "metadata": {"name": "yfcc", "namespace": "data", "annotations": {"commoncanvas.dev/x": "1"}},
+        "spec": {"source": {"uri": "s3://b/meta.tsv"}, "output": {"uri": "s3://b/catalog"}, **spec},
+    }
+
+
+def caption_job(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "CaptionJob",
+        "metadata": {"name": "caps", "namespace": "data"},
+        "spec": {"input": {"scrapeJobRef": "yfcc"}, "output": {"uri": "s3://b/captions"}, **spec},
+    }
+
+
+def test_units_job_is_indexed_with_one_completion_per_unit_and_ignores_disruptions() -> None:
+    job = builders.build_stage_job(scrape_job(parallelism=8), "units", SETTINGS, units=5)
+
+    spec = job["spec"]
+    assert job["metadata"]["name"] == "yfcc-units"
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == 5
+    assert spec["parallelism"] == 5  # never more pods than units
+    assert spec["backoffLimitPerIndex"] == SETTINGS.backoff_limit_per_index
+    assert spec["podFailurePolicy"]["rules"] == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    ]
+    assert "ttlSecondsAfterFinished" not in spec
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    [container] = pod["containers"]
+    assert container["command"] + container["args"] == ["commoncanvas", "scrape", "unit", builders.JOB_FILE]
+    assert spec["template"]["metadata"]["annotations"] == {"commoncanvas.dev/x": "1"}
+
+
+def test_worker_pods_get_object_store_settings_from_the_chart_and_a_named_metrics_port() -> None:
+    container = builders.build_stage_job(scrape_job(), "units", SETTINGS, units=1)["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == SETTINGS.object_store_secret
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "AWS_SECRET_ACCESS_KEY"
+    assert env["S3_ENDPOINT_URL"]["valueFrom"]["configMapKeyRef"]["name"] == SETTINGS.object_store_config
+    assert env["METRICS_PORT"]["value"] == "9400"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9400}]
+    assert container["volumeMounts"][0]["mountPath"] == builders.JOB_FILE_DIR
+
+
+def test_caption_units_request_gpus_on_the_named_pool() -> None:
+    pod = builders.build_stage_job(caption_job(gpusPerPod=2), "units", SETTINGS, units=3)["spec"]["template"][
+        "spec"
+    ]
+
+    assert pod["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
+    assert pod["containers"][0]["image"] == SETTINGS.gpu_image
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_plan_pod_runs_on_the_control_pool_without_gpus_and_reports_its_unit_count() -> None:
+    settings = Settings.from_dict(
+        {"pools": {"a100": {}, "ctl": {"nodeSelector": {"p": "ctl"}}}, "controlPool": "ctl"}
+    )
+    job = builders.build_stage_job(caption_job(), "plan", settings)
+
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == [
+        "caption",
+        "prepare",
+        builders.JOB_FILE,
+        "--termination-log",
+        "/dev/termination-log",
+    ]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert "resources" not in container
+    assert pod["nodeSelector"] == {"p": "ctl"}
+    assert job["spec"]["completions"] == 1 and "completionMode" not in job["spec"]
+
+
+def test_unknown_node_pool_is_named_in_the_error() -> None:
+    with pytest.raises(KeyError, match="'h100'"):
+        builders.build_stage_job(caption_job(nodePool="h100"), "units", SETTINGS, units=1)
+
+
+def test_job_file_replaces_the_upstream_reference_with_its_output_uri_and_validates() -> None:
+    resource = builders.resolve_resource(caption_job(), "s3://b/catalog")
+    config_map = builders.build_job_file(resource)
+
+    assert config_map["metadata"]["name"] == "caps-job"
+    text = config_map["data"]["job.yaml"]
+    assert yaml.safe_load(text)["spec"]["input"] == {"uris": ["s3://b/catalog"]}
+    assert builders.applied_output_uri(config_map) == "s3://b/captions"
+
+
+def test_job_file_is_what_the_worker_cli_loads(tmp_path: Any) -> None:
+    for body, uri in ((scrape_job(unitSize=10), None), (caption_job(), "s3://b/catalog")):
+        path = tmp_path / f"{body['kind']}.yaml"
+        path.write_text(builders.build_job_file(builders.resolve_resource(body, uri))["data"]["job.yaml"])
+        [resource] = load_resources(path, KINDS)
+        assert resource.kind == body["kind"]
+
+
+def test_a_referenced_upstream_without_output_is_an_error() -> None:
+    with pytest.raises(ValueError, match="ScrapeJob yfcc"):
+        builders.resolve_resource(caption_job(), None)
+
+
+def test_children_are_labelled_with_their_owner_and_step() -> None:
+    job = builders.build_stage_job(scrape_job(), "finalize", SETTINGS)
+    assert job["metadata"]["labels"]["commoncanvas.dev/resource"] == "yfcc"
+    assert job["metadata"]["labels"]["commoncanvas.dev/step"] == "finalize"
+    assert job["metadata"]["labels"]["app.kubernetes.io/managed-by"] == builders.MANAGER
+
+
+def test_settings_reject_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="cpuImag"):
+        Settings.from_dict({"cpuImag": "x"})
+
+
+def test_the_charts_crds_are_the_generated_ones() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for generated in sorted((root / "manifests" / "crds").glob("*.yaml")):
+        assert (
+            root / "charts" / "commoncanvas" / "crds" / generated.name
+        ).read_text() == generated.read_text()
