@@ -259,3 +259,151 @@ def build_stage_job(body: Obj, step: str, settings: Settings, units: int = 1) ->
         "metadata": {"name": child_name(name, step), "labels": labels(kind, name, step)},
         "spec": job_spec,
     }
+
+
+# --- TrainRun: a headless Service for the c10d rendezvous and an Indexed Job, one pod per node -----
+
+RDZV_PORT = 29500
+TRAIN_STEPS = ("job", "rdzv", "train")
+
+
+def train_unsupported(spec: Obj) -> str:
+    """Why the operator cannot run this TrainRun spec (empty: it can)."""
+    if (spec.get("optimizations") or {}).get("precomputeLatents"):
+        return (
+            "spec.optimizations.precomputeLatents is not supported by the operator yet (the latents "
+            "phase runs only with `commoncanvas run`); set it to false to train on the cluster"
+        )
+    return ""
+
+
+def train_selector(name: str) -> dict[str, str]:
+    return {f"{GROUP}/kind": "trainrun", f"{GROUP}/resource": name, f"{GROUP}/step": "train"}
+
+
+def build_rdzv_service(name: str) -> Obj:
+    """Headless Service ``{name}-rdzv``: gives pod ``i`` of the train Job the DNS name
+    ``{name}-train-{i}.{name}-rdzv``, before it is ready (the rendezvous happens before readiness)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": child_name(name, "rdzv"), "labels": labels("TrainRun", name, "rdzv")},
+        "spec": {
+            "clusterIP": "None",
+            "selector": train_selector(name),
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "c10d", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+# kopf keeps its own state in annotations under our prefix (handlers.configure); they change after
+# the Job exists, and a Job's pod template cannot change, so they never reach the pods.
+KOPF_ANNOTATIONS = (f"{GROUP}/last-handled-configuration", f"{GROUP}/kopf")
+
+
+def pod_annotations(body: Obj) -> dict[str, str]:
+    """The resource's ``commoncanvas.dev/`` annotations for its pods, less kopf's bookkeeping."""
+    return {
+        key: value
+        for key, value in (body["metadata"].get("annotations") or {}).items()
+        if key.startswith(POD_ANNOTATION_PREFIX) and not key.startswith(KOPF_ANNOTATIONS)
+    }
+
+
+def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = None) -> Obj:
+    """Indexed Job ``{name}-train`` for a TrainRun (its CaptionJob's output URI given when it names
+    one): pod ``i`` is node ``i``, running what ``commoncanvas.train.launch.replica_launch`` says a
+    replica runs, on the job file ``build_job_file`` holds."""
+    from commoncanvas.specs.train import TrainRun
+    from commoncanvas.train.launch import build_appdef, replica_launch
+
+    run = TrainRun.model_validate(resolve_resource(body, upstream_uri))
+    name = run.metadata.name
+    dist = run.spec.distributed
+    pool = settings.pool(dist.node_pool)
+    gpus = dist.gpus_per_node
+    image = settings.gpu_image if gpus else settings.cpu_image
+    app = build_appdef(run, JOB_FILE, image, metrics_port=settings.metrics_port, rdzv_port=RDZV_PORT)
+    launch = replica_launch(
+        app, app_id=name, rank0_host=f"{child_name(name, 'train')}-0.{child_name(name, 'rdzv')}"
+    )
+    (role,) = app.roles
+    requests: dict[str, str] = {
+        "cpu": str(role.resource.cpu),
+        "memory": f"{role.resource.memMB}Mi",
+    }
+    limits: dict[str, str] = {}
+    if gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    ports = [{"name": "metrics", "containerPort": settings.metrics_port}]
+    ports += [
+        {"name": port_name[:15], "containerPort": port}
+        for port_name, port in sorted(launch.ports.items())
+        if port != settings.metrics_port
+    ]
+    if not any(p["containerPort"] == RDZV_PORT for p in ports):
+        ports.append({"name": "c10d", "containerPort": RDZV_PORT})
+    container: Obj = {
+        "name": "trainer",
+        "image": image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": launch.argv[:1],
+        "args": launch.argv[1:],
+        "env": [
+            *object_store_env(settings),
+            *({"name": key, "value": value} for key, value in sorted(launch.env.items())),
+        ],
+        "ports": ports,
+        "resources": {"requests": requests, **({"limits": limits} if limits else {})},
+        "volumeMounts": [
+            {"name": "job-file", "mountPath": JOB_FILE_DIR, "readOnly": True},
+            # NCCL and the DataLoader workers share tensors through /dev/shm.
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "subdomain": child_name(name, "rdzv"),
+        "containers": [container],
+        "volumes": [
+            {
+                "name": "job-file",
+                "configMap": {
+                    "name": child_name(name, "job"),
+                    "items": [{"key": JOB_FILE_KEY, "path": JOB_FILE_KEY}],
+                },
+            },
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if pool.node_selector:
+        pod_spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in pool.tolerations]
+    if settings.worker_service_account:
+        pod_spec["serviceAccountName"] = settings.worker_service_account
+    metadata: Obj = {"labels": labels("TrainRun", name, "train")}
+    annotations = pod_annotations(body)
+    if annotations:
+        metadata["annotations"] = annotations
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": child_name(name, "train"), "labels": labels("TrainRun", name, "train")},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": dist.max_nodes,
+            "parallelism": dist.max_nodes,
+            # Every node's pod is one torchrun agent: the group restarts together (torchrun's own
+            # --max-restarts); a pod the Job replaces is a node coming back. A lost node is no failure.
+            "backoffLimit": dist.max_restarts,
+            "suspend": bool(run.spec.suspend),
+            "podFailurePolicy": {
+                "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+            },
+            "template": {"metadata": metadata, "spec": pod_spec},
+        },
+    }

@@ -203,10 +203,90 @@ async def reconcile_stage(body: kopf.Body, patch: kopf.Patch, logger: Logger) ->
         patch.status.update(status)
 
 
+async def observe_train(body: Obj) -> tuple[reducers.TrainObserved, str]:
+    meta, spec = body["metadata"], body["spec"]
+    namespace, name = meta["namespace"], meta["name"]
+    client = kube()
+    wanted_uri = spec["output"]["uri"]
+    job_file = await client.get(
+        f"{collection_path('v1', 'ConfigMap', namespace)}/{builders.child_name(name, 'job')}"
+    )
+    applied_uri = builders.applied_output_uri(job_file)
+    output_uri = applied_uri or wanted_uri
+    invalid = builders.train_unsupported(spec)
+    pool = (spec.get("distributed") or {}).get("nodePool") or "a100"
+    try:
+        SETTINGS.pool(pool)
+    except KeyError as error:
+        invalid = invalid or f"spec.distributed.nodePool: {error.args[0]}"
+    train_name = builders.child_name(name, "train")
+    job = await client.get(f"{collection_path('batch/v1', 'Job', namespace)}/{train_name}")
+    pod_restarts = 0
+    if job is not None:
+        pods = await client.list(
+            collection_path("v1", "Pod", namespace), f"batch.kubernetes.io/job-name={train_name}"
+        )
+        pod_restarts = sum(
+            int(c.get("restartCount") or 0)
+            for pod in pods
+            for c in (pod.get("status") or {}).get("containerStatuses") or []
+        )
+    train_status = await asyncio.to_thread(store.read_train_status, output_uri) if job is not None else None
+    observed = reducers.TrainObserved(
+        generation=int(meta.get("generation") or 0),
+        now=now(),
+        previous=dict(body.get("status") or {}),
+        upstream=await read_upstream("TrainRun", spec, namespace),
+        invalid=invalid,
+        refused_change=refused_change(applied_uri, wanted_uri),
+        suspended=bool(spec.get("suspend")),
+        job=reducers.JobView.of(job),
+        job_failed_pods=int(((job or {}).get("status") or {}).get("failed") or 0),
+        pod_restarts=pod_restarts,
+        train_status=train_status,
+    )
+    return observed, output_uri
+
+
+async def reconcile_train(body: kopf.Body, patch: kopf.Patch, logger: Logger) -> None:
+    started = time.monotonic()
+    raw: Obj = dict(body)
+    kind, meta = raw["kind"], raw["metadata"]
+    try:
+        observed, output_uri = await observe_train(raw)
+        steps = reducers.train_steps(observed)
+        if steps:
+            upstream_uri = observed.upstream.output_uri if observed.upstream else None
+            children = [
+                builders.build_job_file(builders.resolve_resource(raw, upstream_uri)),
+                builders.build_rdzv_service(meta["name"]),
+                builders.build_train_job(raw, SETTINGS, upstream_uri),
+            ]
+            kopf.adopt(children, owner=body)
+            for child in children:
+                await kube().apply(child)
+        status = reducers.reduce_train(output_uri, observed)
+    except Exception:
+        metrics.RECONCILES.labels(kind, "error").inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
+    metrics.RECONCILES.labels(kind, "ok").inc()
+    for event_type, reason, message in reducers.transition_events(observed.previous, status):
+        kopf.event(body, type=event_type, reason=reason, message=message)
+        logger.info("%s %s: %s", reason, meta["name"], message)
+    metrics.record(kind, meta["namespace"], meta["name"], status, PHASES)
+    if {k: observed.previous.get(k) for k in status} != status:
+        patch.status.update(status)
+
+
 def _register(plural: str) -> None:
     @kopf.timer(GROUP, VERSION, plural, id="reconcile", interval=SETTINGS.reconcile_seconds)
     async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Logger, **_: Any) -> None:
-        await reconcile_stage(body, patch, logger)
+        if body["kind"] == "TrainRun":
+            await reconcile_train(body, patch, logger)
+        else:
+            await reconcile_stage(body, patch, logger)
 
     @kopf.on.delete(GROUP, VERSION, plural, id="forget", optional=True)
     def forget(body: kopf.Body, **_: Any) -> None:
@@ -216,3 +296,4 @@ def _register(plural: str) -> None:
 
 for _stage in STAGES.values():
     _register(_stage.plural)
+_register(builders.PLURALS["TrainRun"])

@@ -106,7 +106,7 @@ def parse_unit_count(message: str) -> int | None:
     return None
 
 
-def upstream_ready(observed: Observed) -> bool:
+def upstream_ready(observed: Observed | TrainObserved) -> bool:
     return observed.upstream is None or observed.upstream.phase == "Succeeded"
 
 
@@ -279,3 +279,112 @@ def transition_events(previous: Obj, current: Obj) -> list[tuple[str, str, str]]
         if condition["type"] == "SpecChangeRefused" and not was_refused:
             events.append(("Warning", "SpecChangeRefused", condition["message"]))
     return events
+
+
+# --- TrainRun ------------------------------------------------------------------------------------
+
+TRAIN_STATUS_FIELDS = ("step", "imagesSeen", "loss", "lastCheckpoint", "imagesPerSecond", "progress")
+
+
+@dataclass(frozen=True)
+class TrainObserved:
+    """What the operator saw of a TrainRun: its upstream, the train Job, pods and rank 0's status.json."""
+
+    generation: int
+    now: str
+    previous: Obj = field(default_factory=dict)
+    upstream: Upstream | None = None
+    invalid: str = ""
+    refused_change: str = ""
+    suspended: bool = False
+    job: JobView | None = None
+    job_failed_pods: int = 0
+    pod_restarts: int = 0
+    train_status: Obj | None = None
+
+
+def train_steps(observed: TrainObserved) -> list[str]:
+    """The TrainRun children that should exist now: job file, rendezvous Service, train Job."""
+    if observed.invalid or observed.refused_change or not upstream_ready(observed):
+        return []
+    if (observed.previous.get("phase") or "") in TERMINAL and observed.job is None:
+        return []
+    return ["job", "rdzv", "train"]
+
+
+def reduce_train(output_uri: str, observed: TrainObserved) -> Obj:
+    """The status of a TrainRun from what was observed."""
+    previous = observed.previous
+    phase, conditions = _train_phase_and_conditions(observed)
+    status: Obj = {
+        "phase": phase,
+        "conditions": merge_conditions(previous.get("conditions") or [], conditions, observed.now),
+        "observedGeneration": observed.generation,
+    }
+    for key in TRAIN_STATUS_FIELDS:
+        if key in previous:
+            status[key] = previous[key]
+    written = observed.train_status or {}
+    for key in TRAIN_STATUS_FIELDS:
+        if key in written and written[key] not in (None, ""):
+            status[key] = written[key]
+    status["restarts"] = max(
+        int(previous.get("restarts") or 0),
+        int(written.get("restarts") or 0),
+        observed.pod_restarts,
+        observed.job_failed_pods,
+    )
+    outputs = written.get("outputs")
+    if isinstance(outputs, dict) and outputs:
+        status["outputs"] = dict(outputs)
+    elif previous.get("outputs"):
+        status["outputs"] = dict(previous["outputs"])
+    elif phase == "Succeeded":
+        status["outputs"] = {"pipeline": output_uri}
+    start = previous.get("startTime") or ""
+    if not start and phase in ("Running", *TERMINAL):
+        start = observed.now
+    if start:
+        status["startTime"] = start
+    if phase in TERMINAL:
+        status["completionTime"] = previous.get("completionTime") or observed.now
+    return status
+
+
+def _train_phase_and_conditions(observed: TrainObserved) -> tuple[str, list[Obj]]:
+    previous_phase = observed.previous.get("phase") or "Pending"
+    refused: list[Obj] = []
+    if observed.refused_change:
+        refused = [_condition("SpecChangeRefused", True, "OutputImmutable", observed.refused_change)]
+    if previous_phase in TERMINAL:
+        kept = [c for c in observed.previous.get("conditions") or [] if c["type"] != "SpecChangeRefused"]
+        return previous_phase, [*kept, *refused]
+    if observed.invalid:
+        return "Failed", [_condition("Failed", True, "InvalidSpec", observed.invalid)]
+    upstream = observed.upstream
+    if upstream is not None:
+        if not upstream.found:
+            message = f"waiting for {upstream.title}: it does not exist yet"
+            return "Waiting", [_condition("UpstreamReady", False, "UpstreamMissing", message), *refused]
+        if upstream.phase == "Failed":
+            message = f"{upstream.title} failed" + (f": {upstream.message}" if upstream.message else "")
+            return "Failed", [
+                _condition("UpstreamReady", False, "UpstreamFailed", message),
+                _condition("Failed", True, "UpstreamFailed", message),
+            ]
+        if upstream.phase != "Succeeded":
+            message = f"waiting for {upstream.title} to succeed (phase {upstream.phase or 'Pending'})"
+            return "Waiting", [_condition("UpstreamReady", False, "UpstreamNotReady", message), *refused]
+    conditions = [*([_condition("UpstreamReady", True, "UpstreamSucceeded")] if upstream else []), *refused]
+    job = observed.job
+    if job is None:
+        return "Pending", conditions
+    if job.failed:
+        message = "training failed" + (f" ({job.reason})" if job.reason else "")
+        message += f": {job.message}" if job.message else ""
+        return "Failed", [*conditions, _condition("Failed", True, job.reason or "TrainingFailed", message)]
+    if job.complete:
+        return "Succeeded", [*conditions, _condition("Trained", True, "Complete")]
+    if observed.suspended:
+        return "Suspended", [*conditions, _condition("Trained", False, "Suspended", "spec.suspend is true")]
+    return "Running", [*conditions, _condition("Trained", False, "Running")]

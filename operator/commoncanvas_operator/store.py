@@ -51,3 +51,13 @@ def read_summary(output_uri: str) -> dict[str, Any] | None:
     except Exception as error:
         log.warning("reading %s/summary.json: %s", output_uri, error)
         return None
+
+
+def read_train_status(output_uri: str) -> dict[str, Any] | None:
+    """What training rank 0 last wrote to ``{output}/status.json`` (step, loss, checkpoint...)."""
+    try:
+        status = _read_json(output_uri, "status.json")
+        return status if isinstance(status, dict) else None
+    except Exception as error:
+        log.warning("reading %s/status.json: %s", output_uri, error)
+        return None

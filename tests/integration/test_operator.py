@@ -19,7 +19,7 @@ import pytest
 import yaml
 from tests.cluster.harness import A100_POOL, CPU_POOL, GPU_RESOURCE, LocalCluster
 from tests.cluster.kubeapi import ApiError, Obj
-from tests.cluster.kwok_stages import FAIL_ANNOTATION
+from tests.cluster.kwok_stages import FAIL_ANNOTATION, RUN_DURATION_ANNOTATION
 from tests.cluster.minio import MinioServer
 from tests.cluster.processes import free_port
 
@@ -294,3 +294,100 @@ def test_invalid_resource_is_rejected_and_deleting_one_removes_its_children(
     while jobs(cluster, namespace, "gone") and time.monotonic() < deadline:
         time.sleep(0.5)
     assert jobs(cluster, namespace, "gone") == []
+
+
+def train_run(name: str, bucket: str, max_nodes: int, **annotations: str) -> Obj:
+    return {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "TrainRun",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "dataset": {"uris": [f"s3://{bucket}/caps"]},
+            "output": {"uri": f"s3://{bucket}/{name}"},
+            "checkpoint": {"uri": f"s3://{bucket}/{name}-ckpt"},
+            "distributed": {"minNodes": 1, "maxNodes": max_nodes, "gpusPerNode": 8, "maxRestarts": 2},
+        },
+    }
+
+
+def test_train_run_gets_a_rendezvous_service_and_one_gpu_pod_per_a100_node(
+    cluster: LocalCluster, namespace: str, bucket: str, operator: Operator
+) -> None:
+    cluster.apply(train_run("sd", bucket, max_nodes=2), namespace)
+
+    done = wait_status(cluster, namespace, "trainruns", "sd", phase("Succeeded"), "TrainRun Succeeded", 90)
+
+    assert done["status"]["observedGeneration"] == done["metadata"]["generation"]
+    service = cluster.api.get(f"/api/v1/namespaces/{namespace}/services/sd-rdzv")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["metadata"]["ownerReferences"][0]["kind"] == "TrainRun"
+    [job] = jobs(cluster, namespace, "sd")
+    assert job["metadata"]["name"] == "sd-train"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    train_pods = pods(cluster, namespace, "sd-train")
+    assert len(train_pods) == 2
+    # 8 GPUs each: the two pods fill the two A100 nodes, one each.
+    assert sorted(p["spec"]["nodeName"] for p in train_pods) == sorted(cluster.node_names(A100_POOL))
+    for pod in train_pods:
+        assert pod["spec"]["subdomain"] == "sd-rdzv"
+        container = pod["spec"]["containers"][0]
+        assert container["resources"]["limits"][GPU_RESOURCE] == "8"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["TORCHX_RANK0_HOST"] == "sd-train-0.sd-rdzv"
+        assert "--nnodes 1:2" in container["args"][1]
+    job_file = cluster.api.get(f"/api/v1/namespaces/{namespace}/configmaps/sd-job")["data"]["job.yaml"]
+    assert yaml.safe_load(job_file)["spec"]["dataset"]["uris"] == [f"s3://{bucket}/caps"]
+
+
+def test_train_run_pod_on_a_lost_a100_node_is_replaced_and_the_run_still_succeeds(
+    cluster: LocalCluster, namespace: str, bucket: str, operator: Operator
+) -> None:
+    spare = cluster.create_node(f"a100-spare-{namespace}", A100_POOL)["metadata"]["name"]
+    cluster.apply(train_run("lossy", bucket, max_nodes=2, **{RUN_DURATION_ANNOTATION: "12s"}), namespace)
+    pods_path = (
+        f"/api/v1/namespaces/{namespace}/pods?labelSelector=batch.kubernetes.io/job-name%3Dlossy-train"
+    )
+    lost: str | None = None
+    try:
+        running = cluster.api.wait_for(
+            pods_path,
+            lambda found: sum(p.get("status", {}).get("phase") == "Running" for p in found["items"]) == 2,
+            60,
+            "both train pods Running",
+        )["items"]
+        victim = next(
+            p
+            for p in running
+            if p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
+        )
+        lost = victim["spec"]["nodeName"]
+
+        cluster.delete_node(lost, gc_pods_now=True)
+
+        def replaced(found: Obj) -> bool:
+            return any(
+                p["metadata"]["uid"] != victim["metadata"]["uid"]
+                and p["metadata"]["annotations"].get("batch.kubernetes.io/job-completion-index") == "1"
+                and p.get("status", {}).get("phase") in ("Running", "Succeeded")
+                for p in found["items"]
+            )
+
+        replacement = cluster.api.wait_for(pods_path, replaced, 60, "a replacement for the lost node's pod")
+        done = wait_status(
+            cluster, namespace, "trainruns", "lossy", phase("Succeeded"), "TrainRun Succeeded", 90
+        )
+        assert done["status"]["phase"] == "Succeeded"
+        [job] = jobs(cluster, namespace, "lossy")
+        assert job["status"].get("failed", 0) == 0  # a lost node is not the run's failure
+        nodes = {p["spec"]["nodeName"] for p in replacement["items"] if p["spec"].get("nodeName")}
+        assert lost not in nodes
+        assert nodes <= {*cluster.node_names(A100_POOL), spare}
+    finally:
+        # Leave the A100 pool as the other tests expect it: no pods left, the spare gone, the lost back.
+        cluster.api.delete(f"{API}/namespaces/{namespace}/trainruns/lossy")
+        cluster.api.wait_for(pods_path, lambda found: not found["items"], 60, "the train pods gone")
+        cluster.delete_node(spare)
+        if lost is not None and lost != spare:
+            cluster.create_node(lost, A100_POOL)

@@ -8,3 +8,7 @@ app.kubernetes.io/name: commoncanvas-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/part-of: commoncanvas
 {{- end -}}
+{{/* "true" where the cluster serves prometheus-operator's monitoring.coreos.com/v1, else empty. */}}
+{{- define "commoncanvas.promOperator" -}}
+{{- if and (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") -}}true{{- end -}}
+{{- end -}}
