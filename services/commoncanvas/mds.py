@@ -13,7 +13,9 @@ bytes in column-name order.
 from __future__ import annotations
 
 import json
+import random
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,23 @@ class MDSShardWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
             self.finish()
+
+
+def shards_dataset(split_root: str, shards: list[dict[str, Any]], local: Path, attempts: int = 5) -> Any:
+    """A `streaming.StreamingDataset` over some shards of a split (a unit's input): a sub-index in
+    `local`, the shards fetched from `split_root` (local or s3://) on first access.
+
+    mosaicml-streaming claims a shared-memory prefix by probing for a free one; two processes starting
+    at the same moment can claim the same one and one gets FileExistsError.  A new try takes the next."""
+    from streaming import StreamingDataset
+
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "index.json").write_text(json.dumps({"version": 2, "shards": shards}))
+    for attempt in range(attempts):
+        try:
+            return StreamingDataset(remote=split_root, local=str(local), shuffle=False, batch_size=1)
+        except FileExistsError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.5))
+    raise AssertionError("unreachable")

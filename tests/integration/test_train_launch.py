@@ -219,6 +219,10 @@ def test_two_nodes_restart_together_when_one_loses_a_rank(
         status = runner.wait(handle, wait_interval=0.5)
     assert status is not None and status.state.name == "SUCCEEDED", launch.log_tail(tmp_path / "logs")
     starts = [json.loads(line) for line in (tmp_path / "starts.jsonl").read_text().splitlines()]
-    assert sorted((s["restart"], s["rank"]) for s in starts) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert all(s["world"] == 2 for s in starts)
-    assert min(s["start"] for s in starts if s["restart"] == 1) >= 10, "both nodes resumed, none from 0"
+    # Two rounds of both ranks: a fresh one, then one where both resumed.  (The restart count is the
+    # agent's own: the agent whose rank died counts a restart, the surviving one may re-join as 0.)
+    fresh = sorted(s["rank"] for s in starts if s["start"] == 0)
+    resumed = sorted(s["rank"] for s in starts if s["start"] >= 10)
+    assert (fresh, resumed) == ([0, 1], [0, 1]), starts
+    assert len(starts) == 4 and all(s["world"] == 2 for s in starts)
+    assert max(s["restart"] for s in starts) == 1, "the group must have been restarted"

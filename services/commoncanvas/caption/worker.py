@@ -3,7 +3,6 @@ write the joined MDS (original bytes + every catalog column + caption), then the
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from commoncanvas import metrics, units
 from commoncanvas.caption.text import caption_problem, clean_caption
 from commoncanvas.caption.unitplan import CaptionLayout, CaptionUnit, ensure_caption_plan, read_caption_units
+from commoncanvas.mds import shards_dataset
 from commoncanvas.specs.caption import CaptionJobSpec
 
 log = logging.getLogger(__name__)
@@ -179,12 +179,7 @@ def load_captioner(spec: CaptionJobSpec, cache_dir: Path) -> Captioner:
 
 
 def _streaming_view(unit: CaptionUnit, local: Path) -> Any:
-    """A StreamingDataset over just this unit's shards: a sub-index in `local`, shards from the root."""
-    from streaming import StreamingDataset
-
-    local.mkdir(parents=True, exist_ok=True)
-    (local / "index.json").write_text(json.dumps({"version": 2, "shards": unit.shards}))
-    return StreamingDataset(remote=unit.split_root, local=str(local), shuffle=False, batch_size=1)
+    return shards_dataset(unit.split_root, unit.shards, local)
 
 
 def iter_batches(spec: CaptionJobSpec, dataset: Any, image_processor: Any) -> Iterator[dict[str, Any]]:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from commoncanvas import metrics, units
 from commoncanvas.caption.unitplan import InputMissing
+from commoncanvas.mds import shards_dataset
 from commoncanvas.specs.train import TrainRunSpec
 from commoncanvas.storage import Storage, open_storage
 from commoncanvas.units import StageLayout
@@ -324,12 +325,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _streaming_view(unit: LatentUnit, local: Path) -> Any:
-    """A StreamingDataset over just this unit's shards: a sub-index in `local`, shards from the root."""
-    from streaming import StreamingDataset
-
-    local.mkdir(parents=True, exist_ok=True)
-    (local / "index.json").write_text(json.dumps({"version": 2, "shards": unit.shards}))
-    return StreamingDataset(remote=unit.split_root, local=str(local), shuffle=False, batch_size=1)
+    return shards_dataset(unit.split_root, unit.shards, local)
 
 
 def run_unit(
