@@ -55,6 +55,13 @@ TRAIN_MFU = Gauge(
 )
 
 
+def unit_finished(stage: str, written: int, seconds: float) -> None:
+    """What every stage records when a work unit's marker is written."""
+    UNITS.labels(stage, "succeeded").inc()
+    UNIT_SECONDS.labels(stage).observe(seconds)
+    IMAGES_PER_SECOND.labels(stage).set(written / seconds if seconds else 0)
+
+
 def serve(port: int) -> None:
     """Expose /metrics on `port` (0 = don't)."""
     if port:

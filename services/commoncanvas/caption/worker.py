@@ -266,9 +266,7 @@ def run_unit(
     }
     assert sum(outcomes.values()) == len(dataset), "every input sample must have an outcome"
     units.finish_unit(layout.output, unit_index, stats)
-    metrics.UNITS.labels(STAGE, "succeeded").inc()
-    metrics.UNIT_SECONDS.labels(STAGE).observe(seconds)
-    metrics.IMAGES_PER_SECOND.labels(STAGE).set(outcomes["ok"] / seconds if seconds else 0)
+    metrics.unit_finished(STAGE, outcomes["ok"], seconds)
     log.info(
         "caption unit %d (%s): %d/%d captioned in %.1fs",
         unit_index,

@@ -141,9 +141,7 @@ def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
     }
     assert sum(outcomes.values()) == len(samples), "every planned sample must have an outcome"
     units.finish_unit(layout.output, unit, stats)
-    metrics.UNITS.labels(STAGE, "succeeded").inc()
-    metrics.UNIT_SECONDS.labels(STAGE).observe(seconds)
-    metrics.IMAGES_PER_SECOND.labels(STAGE).set(outcomes["ok"] / seconds if seconds else 0)
+    metrics.unit_finished(STAGE, outcomes["ok"], seconds)
     log.info("unit %d (%s): %d/%d written in %.1fs", unit, split, outcomes["ok"], len(samples), seconds)
     return stats
 

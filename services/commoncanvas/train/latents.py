@@ -398,9 +398,7 @@ def run_unit(
         "failures": failures,
     }
     units.finish_unit(layout.output, unit_index, stats)
-    metrics.UNITS.labels(STAGE, "succeeded").inc()
-    metrics.UNIT_SECONDS.labels(STAGE).observe(seconds)
-    metrics.IMAGES_PER_SECOND.labels(STAGE).set(outcomes["ok"] / seconds if seconds else 0)
+    metrics.unit_finished(STAGE, outcomes["ok"], seconds)
     log.info(
         "latents unit %d (%s): %d/%d encoded in %.1fs",
         unit_index,
