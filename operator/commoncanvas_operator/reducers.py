@@ -158,6 +158,25 @@ def _counts_from_summary(kind: str, summary: Obj | None, output_uri: str) -> Obj
     return counts
 
 
+def _gate_on_upstream(upstream: Any, refused: list[Obj]) -> tuple[str | None, list[Obj]]:
+    """Waiting or Failed (with its conditions) until the referenced resource has succeeded; after
+    that no phase and the conditions to carry on with."""
+    if upstream is not None:
+        if not upstream.found:
+            message = f"waiting for {upstream.title}: it does not exist yet"
+            return "Waiting", [_condition("UpstreamReady", False, "UpstreamMissing", message), *refused]
+        if upstream.phase == "Failed":
+            message = f"{upstream.title} failed" + (f": {upstream.message}" if upstream.message else "")
+            return "Failed", [
+                _condition("UpstreamReady", False, "UpstreamFailed", message),
+                _condition("Failed", True, "UpstreamFailed", message),
+            ]
+        if upstream.phase != "Succeeded":
+            message = f"waiting for {upstream.title} to succeed (phase {upstream.phase or 'Pending'})"
+            return "Waiting", [_condition("UpstreamReady", False, "UpstreamNotReady", message), *refused]
+    return None, [*([_condition("UpstreamReady", True, "UpstreamSucceeded")] if upstream else []), *refused]
+
+
 def reduce_stage(kind: str, output_uri: str, observed: Observed) -> Obj:
     """The status of a ScrapeJob or CaptionJob from what was observed (see the module docstring)."""
     previous = observed.previous
@@ -205,21 +224,9 @@ def _phase_and_conditions(observed: Observed) -> tuple[str, list[Obj]]:
         return previous_phase, [*(observed.previous.get("conditions") or []), *refused]
     if observed.invalid:
         return "Failed", [_condition("Failed", True, "InvalidSpec", observed.invalid)]
-    upstream = observed.upstream
-    if upstream is not None:
-        if not upstream.found:
-            message = f"waiting for {upstream.title}: it does not exist yet"
-            return "Waiting", [_condition("UpstreamReady", False, "UpstreamMissing", message), *refused]
-        if upstream.phase == "Failed":
-            message = f"{upstream.title} failed" + (f": {upstream.message}" if upstream.message else "")
-            return "Failed", [
-                _condition("UpstreamReady", False, "UpstreamFailed", message),
-                _condition("Failed", True, "UpstreamFailed", message),
-            ]
-        if upstream.phase != "Succeeded":
-            message = f"waiting for {upstream.title} to succeed (phase {upstream.phase or 'Pending'})"
-            return "Waiting", [_condition("UpstreamReady", False, "UpstreamNotReady", message), *refused]
-    conditions = [*([_condition("UpstreamReady", True, "UpstreamSucceeded")] if upstream else []), *refused]
+    blocked, conditions = _gate_on_upstream(observed.upstream, refused)
+    if blocked is not None:
+        return blocked, conditions
     plan = observed.plan
     if plan is None:
         return "Pending", conditions
@@ -361,21 +368,9 @@ def _train_phase_and_conditions(observed: TrainObserved) -> tuple[str, list[Obj]
         return previous_phase, [*kept, *refused]
     if observed.invalid:
         return "Failed", [_condition("Failed", True, "InvalidSpec", observed.invalid)]
-    upstream = observed.upstream
-    if upstream is not None:
-        if not upstream.found:
-            message = f"waiting for {upstream.title}: it does not exist yet"
-            return "Waiting", [_condition("UpstreamReady", False, "UpstreamMissing", message), *refused]
-        if upstream.phase == "Failed":
-            message = f"{upstream.title} failed" + (f": {upstream.message}" if upstream.message else "")
-            return "Failed", [
-                _condition("UpstreamReady", False, "UpstreamFailed", message),
-                _condition("Failed", True, "UpstreamFailed", message),
-            ]
-        if upstream.phase != "Succeeded":
-            message = f"waiting for {upstream.title} to succeed (phase {upstream.phase or 'Pending'})"
-            return "Waiting", [_condition("UpstreamReady", False, "UpstreamNotReady", message), *refused]
-    conditions = [*([_condition("UpstreamReady", True, "UpstreamSucceeded")] if upstream else []), *refused]
+    blocked, conditions = _gate_on_upstream(observed.upstream, refused)
+    if blocked is not None:
+        return blocked, conditions
     job = observed.job
     if job is None:
         return "Pending", conditions
