@@ -16,7 +16,7 @@ RESOURCES = Gauge(
     "commoncanvas_operator_resources", "Resources by kind and phase", ["kind", "namespace", "name", "phase"]
 )
 UNITS_DONE = Gauge("commoncanvas_operator_units_done", "Units succeeded", ["kind", "namespace", "name"])
-UNITS_TOTAL = Gauge("commoncanvas_operator_units_total", "Units planned", ["kind", "namespace", "name"])
+UNITS_PLANNED = Gauge("commoncanvas_operator_units_planned", "Units planned", ["kind", "namespace", "name"])
 
 
 def record(kind: str, namespace: str, name: str, status: dict[str, object], phases: tuple[str, ...]) -> None:
@@ -27,7 +27,7 @@ def record(kind: str, namespace: str, name: str, status: dict[str, object], phas
     units = status.get("units")
     if isinstance(units, dict):
         UNITS_DONE.labels(kind, namespace, name).set(float(units.get("succeeded", 0)))
-        UNITS_TOTAL.labels(kind, namespace, name).set(float(units.get("total", 0)))
+        UNITS_PLANNED.labels(kind, namespace, name).set(float(units.get("total", 0)))
 
 
 def forget(kind: str, namespace: str, name: str, phases: tuple[str, ...]) -> None:
@@ -35,6 +35,6 @@ def forget(kind: str, namespace: str, name: str, phases: tuple[str, ...]) -> Non
     for phase in phases:
         with contextlib.suppress(KeyError):
             RESOURCES.remove(kind, namespace, name, phase)
-    for gauge in (UNITS_DONE, UNITS_TOTAL):
+    for gauge in (UNITS_DONE, UNITS_PLANNED):
         with contextlib.suppress(KeyError):
             gauge.remove(kind, namespace, name)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from diffusers.training_utils import EMAModel
+from prometheus_client import REGISTRY
 
+from commoncanvas import metrics
 from commoncanvas.train.checkpoint import CheckpointStore, Progress, Trainable
 from commoncanvas.train.loop import warmup_factor
 from commoncanvas.train.world import World
@@ -115,3 +119,31 @@ def test_a_half_written_newer_checkpoint_is_ignored_and_removed_by_the_next_save
     progress.step = 3
     store.save(t, progress, [], ONE_PROCESS)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000003"]
+
+
+def last_checkpoint_metric() -> float | None:
+    return REGISTRY.get_sample_value("commoncanvas_train_last_checkpoint_timestamp_seconds")
+
+
+def test_a_published_checkpoint_sets_the_last_checkpoint_timestamp(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path), keep=2)
+    metrics.TRAIN_LAST_CHECKPOINT.set(0)
+    before = time.time()
+    store.save(trainable(0), Progress(step=2), [], ONE_PROCESS)
+    value = last_checkpoint_metric()
+    assert value is not None and before <= value <= time.time()
+
+
+def test_a_failed_checkpoint_write_leaves_the_last_checkpoint_timestamp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(str(tmp_path), keep=2)
+    metrics.TRAIN_LAST_CHECKPOINT.set(123.0)
+
+    def fail(*args: object) -> None:
+        raise OSError("bucket gone")
+
+    monkeypatch.setattr(store.storage, "write_text", fail)  # `latest` is never written
+    with pytest.raises(OSError):
+        store.save(trainable(0), Progress(step=2), [], ONE_PROCESS)
+    assert last_checkpoint_metric() == 123.0

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim.lr_scheduler import LRScheduler
 
+from commoncanvas import metrics
 from commoncanvas.models import fetch_to_cache
 from commoncanvas.storage import Storage, open_storage
 from commoncanvas.train.model import ema_weights_swapped_in
@@ -153,6 +154,7 @@ class CheckpointStore:
             }
             state = {**asdict(progress), "world_size": world.size, "dataloader": loader_state}
             self._write(step, model_state, ema_state, optimizer_state, trainer, state, seen_by_rank)
+            metrics.TRAIN_LAST_CHECKPOINT.set_to_current_time()  # published: `latest` points at it
             log.info(
                 "checkpoint %s written in %.1fs", progress.last_checkpoint, time.perf_counter() - started
             )
