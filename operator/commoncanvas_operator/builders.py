@@ -6,12 +6,17 @@ A sharded stage (ScrapeJob, CaptionJob) runs as three Jobs over one job file:
 file is the resource itself with its upstream reference replaced by the upstream's output URI, kept
 in the ConfigMap ``{name}-job`` and mounted in every pod, so pods run what ``commoncanvas run`` runs.
 
+Every pod gets the securityContexts of the operator's settings (the chart's ``workers.podSecurityContext``
+and ``workers.securityContext``: by default non-root, no privilege escalation, no capabilities, seccomp
+RuntimeDefault and a read-only root filesystem) and an emptyDir at /tmp holding all it writes.
+
 Owner references and namespaces are added by the handler (``kopf.adopt``), not here.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +38,15 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # or the test harness' kwok behaviour annotations).
 POD_ANNOTATION_PREFIX = f"{GROUP}/"
 STEPS = ("plan", "units", "finalize")
+# The spec a stage's children were made from, on its job-file ConfigMap.
+APPLIED_SPEC_ANNOTATION = f"{GROUP}/applied-spec"
+# Spec fields whose change reaches running work whole (a Job's parallelism and suspend are mutable).
+MUTABLE_SPEC_FIELDS = frozenset({"parallelism", "suspend"})
+# The root filesystem is read-only (Settings.worker_security_context), so what a worker writes goes to
+# this emptyDir: temporary files, its home and the caches under it.
+SCRATCH_VOLUME = "tmp"
+SCRATCH_DIR = "/tmp"
+WORKER_HOME = f"{SCRATCH_DIR}/home"
 
 
 @dataclass(frozen=True)
@@ -102,15 +116,62 @@ def resolve_resource(body: Obj, upstream_uri: str | None) -> Obj:
     }
 
 
-def build_job_file(resource: Obj) -> Obj:
-    """The ConfigMap holding the resolved resource (the file every pod of the stage reads)."""
+def build_job_file(resource: Obj, spec: Obj) -> Obj:
+    """The ConfigMap holding the resolved resource (the file every pod of the stage reads), and the
+    resource's own ``spec`` it was made from (what a later spec is compared with)."""
     name = resource["metadata"]["name"]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": child_name(name, "job"), "labels": labels(resource["kind"], name)},
+        "metadata": {
+            "name": child_name(name, "job"),
+            "labels": labels(resource["kind"], name),
+            "annotations": {APPLIED_SPEC_ANNOTATION: json.dumps(spec, sort_keys=True)},
+        },
         "data": {JOB_FILE_KEY: yaml.safe_dump(resource, sort_keys=False)},
     }
+
+
+def spec_differences(applied: Any, wanted: Any, path: str = "spec") -> list[str]:
+    """Dotted paths of the fields that differ between two specs (a list counts as one field)."""
+    if isinstance(applied, dict) and isinstance(wanted, dict):
+        return [
+            difference
+            for key in sorted(set(applied) | set(wanted))
+            for difference in spec_differences(applied.get(key), wanted.get(key), f"{path}.{key}")
+        ]
+    return [] if applied == wanted else [path]
+
+
+def refused_change(job_file: Obj | None, spec: Obj) -> str:
+    """Why ``spec`` cannot be applied to the work already made from the job file (empty: it can).
+
+    Pods read the job file when they start, so changing it under running work would mix settings
+    within one output; only the Jobs' ``parallelism`` and ``suspend`` can change in place."""
+    if not job_file:
+        return ""
+    recorded = ((job_file.get("metadata") or {}).get("annotations") or {}).get(APPLIED_SPEC_ANNOTATION)
+    if recorded is None:  # made before the spec was recorded: only its output URI is known
+        applied: Obj = {"output": {"uri": applied_output_uri(job_file)}}
+        wanted: Obj = {"output": {"uri": (spec.get("output") or {}).get("uri")}}
+    else:
+        applied, wanted = json.loads(recorded), spec
+    changed = [
+        path for path in spec_differences(applied, wanted) if path.split(".")[1] not in MUTABLE_SPEC_FIELDS
+    ]
+    if not changed:
+        return ""
+    if changed == ["spec.output.uri"]:
+        before, after = applied["output"]["uri"], wanted["output"]["uri"]
+        return (
+            f"spec.output.uri changed from {before} to {after}, but this resource's work already "
+            f"writes to {before}; set it back, or create a new resource for a new output"
+        )
+    return (
+        f"{', '.join(changed)} changed after this resource's work started; its Jobs and pods were made "
+        "from the earlier spec and cannot take the change. Set it back, or create a new resource "
+        "with the new settings (only parallelism and suspend change in place)"
+    )
 
 
 def applied_output_uri(job_file: Obj | None) -> str | None:
@@ -148,6 +209,34 @@ def object_store_env(settings: Settings) -> list[Obj]:
     return env
 
 
+def linger_env(settings: Settings) -> dict[str, str]:
+    """How long a worker keeps /metrics up after its work (commoncanvas.metrics.serve); unset: 0."""
+    seconds = settings.metrics_linger_seconds
+    return {"METRICS_LINGER_SECONDS": f"{seconds:g}"} if seconds > 0 else {}
+
+
+def scratch_env() -> list[Obj]:
+    """Home, temporary files and the caches written there, all under the scratch emptyDir."""
+    return [
+        # ~/.cache/commoncanvas/models (commoncanvas.models), Triton's ~/.triton, torch hub's ~/.cache.
+        {"name": "HOME", "value": WORKER_HOME},
+        # tempfile: the stages' work directories, streaming's local shards, checkpoints, TorchInductor.
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        # The Hugging Face cache; images/worker-gpu.Dockerfile sets one under /home/commoncanvas.
+        {"name": "HF_HOME", "value": f"{WORKER_HOME}/.cache/huggingface"},
+    ]
+
+
+def _harden(pod_spec: Obj, container: Obj, settings: Settings) -> None:
+    """The settings' securityContexts (none where one is empty) and the scratch emptyDir at /tmp."""
+    if settings.worker_pod_security_context:
+        pod_spec["securityContext"] = copy.deepcopy(settings.worker_pod_security_context)
+    if settings.worker_security_context:
+        container["securityContext"] = copy.deepcopy(settings.worker_security_context)
+    container["volumeMounts"].append({"name": SCRATCH_VOLUME, "mountPath": SCRATCH_DIR})
+    pod_spec["volumes"].append({"name": SCRATCH_VOLUME, "emptyDir": {}})
+
+
 def _pool_for(kind: str, step: str, spec: Obj, settings: Settings) -> NodePool:
     if step != "units":
         return settings.pool(settings.control_pool)
@@ -180,7 +269,9 @@ def stage_pod_template(body: Obj, step: str, settings: Settings) -> Obj:
         "args": args,
         "env": [
             *object_store_env(settings),
+            *scratch_env(),
             {"name": "METRICS_PORT", "value": str(settings.metrics_port)},
+            *({"name": key, "value": value} for key, value in linger_env(settings).items()),
             {"name": "PYTHONUNBUFFERED", "value": "1"},
         ],
         "ports": [{"name": "metrics", "containerPort": settings.metrics_port}],
@@ -189,8 +280,11 @@ def stage_pod_template(body: Obj, step: str, settings: Settings) -> Obj:
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    resources = copy.deepcopy(settings.worker_resources)
     if gpus:
-        container["resources"] = {"limits": {GPU_RESOURCE: str(gpus)}}
+        resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
+    if resources:
+        container["resources"] = resources
     pod_spec: Obj = {
         "restartPolicy": "Never",
         "containers": [container],
@@ -204,6 +298,7 @@ def stage_pod_template(body: Obj, step: str, settings: Settings) -> Obj:
             }
         ],
     }
+    _harden(pod_spec, container, settings)
     if pool.node_selector:
         pod_spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
@@ -211,11 +306,7 @@ def stage_pod_template(body: Obj, step: str, settings: Settings) -> Obj:
     if settings.worker_service_account:
         pod_spec["serviceAccountName"] = settings.worker_service_account
     metadata: Obj = {"labels": labels(kind, name, step)}
-    annotations = {
-        key: value
-        for key, value in (body["metadata"].get("annotations") or {}).items()
-        if key.startswith(POD_ANNOTATION_PREFIX)
-    }
+    annotations = pod_annotations(body)
     if annotations and step == "units":
         metadata["annotations"] = annotations
     return {"metadata": metadata, "spec": pod_spec}
@@ -324,7 +415,14 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
     pool = settings.pool(dist.node_pool)
     gpus = dist.gpus_per_node
     image = settings.gpu_image if gpus else settings.cpu_image
-    app = build_appdef(run, JOB_FILE, image, metrics_port=settings.metrics_port, rdzv_port=RDZV_PORT)
+    app = build_appdef(
+        run,
+        JOB_FILE,
+        image,
+        env=linger_env(settings),
+        metrics_port=settings.metrics_port,
+        rdzv_port=RDZV_PORT,
+    )
     launch = replica_launch(
         app, app_id=name, rank0_host=f"{child_name(name, 'train')}-0.{child_name(name, 'rdzv')}"
     )
@@ -352,6 +450,7 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
         "args": launch.argv[1:],
         "env": [
             *object_store_env(settings),
+            *scratch_env(),
             *({"name": key, "value": value} for key, value in sorted(launch.env.items())),
         ],
         "ports": ports,
@@ -379,6 +478,7 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         ],
     }
+    _harden(pod_spec, container, settings)
     if pool.node_selector:
         pod_spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:

@@ -35,6 +35,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING
+    settings.peering.lifetime = SETTINGS.peering_lifetime_seconds
     if SETTINGS.operator_metrics_port:
         start_http_server(SETTINGS.operator_metrics_port)
 
@@ -104,15 +105,6 @@ async def plan_pod_message(namespace: str, name: str) -> str:
     return ""
 
 
-def refused_change(applied_uri: str | None, wanted_uri: str) -> str:
-    if applied_uri is None or applied_uri == wanted_uri:
-        return ""
-    return (
-        f"spec.output.uri changed from {applied_uri} to {wanted_uri}, but this resource's work already "
-        f"writes to {applied_uri}; set it back, or create a new resource for a new output"
-    )
-
-
 async def observe_stage(body: Obj) -> tuple[reducers.Observed, str]:
     kind, meta, spec = body["kind"], body["metadata"], body["spec"]
     namespace, name = meta["namespace"], meta["name"]
@@ -154,7 +146,7 @@ async def observe_stage(body: Obj) -> tuple[reducers.Observed, str]:
         previous=dict(body.get("status") or {}),
         upstream=await read_upstream(kind, spec, namespace),
         invalid=invalid,
-        refused_change=refused_change(applied_uri, wanted_uri),
+        refused_change=builders.refused_change(job_file, spec),
         plan=plan,
         plan_units=plan_units,
         plan_message=plan_message,
@@ -172,7 +164,8 @@ async def apply_steps(owner: kopf.Body, body: Obj, observed: reducers.Observed) 
     children: list[Obj] = []
     for step in steps:
         if step == "job":
-            children.append(builders.build_job_file(builders.resolve_resource(body, upstream_uri)))
+            resource = builders.resolve_resource(body, upstream_uri)
+            children.append(builders.build_job_file(resource, body["spec"]))
         else:
             units = observed.plan_units or 1
             children.append(builders.build_stage_job(body, step, SETTINGS, units=units))
@@ -238,7 +231,7 @@ async def observe_train(body: Obj) -> tuple[reducers.TrainObserved, str]:
         previous=dict(body.get("status") or {}),
         upstream=await read_upstream("TrainRun", spec, namespace),
         invalid=invalid,
-        refused_change=refused_change(applied_uri, wanted_uri),
+        refused_change=builders.refused_change(job_file, spec),
         suspended=bool(spec.get("suspend")),
         job=reducers.JobView.of(job),
         job_failed_pods=int(((job or {}).get("status") or {}).get("failed") or 0),
@@ -258,7 +251,7 @@ async def reconcile_train(body: kopf.Body, patch: kopf.Patch, logger: Logger) ->
         if steps:
             upstream_uri = observed.upstream.output_uri if observed.upstream else None
             children = [
-                builders.build_job_file(builders.resolve_resource(raw, upstream_uri)),
+                builders.build_job_file(builders.resolve_resource(raw, upstream_uri), raw["spec"]),
                 builders.build_rdzv_service(meta["name"]),
                 builders.build_train_job(raw, SETTINGS, upstream_uri),
             ]

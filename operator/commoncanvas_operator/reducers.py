@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 Obj = dict[str, Any]
@@ -207,14 +208,30 @@ def reduce_stage(kind: str, output_uri: str, observed: Observed) -> Obj:
     if phase in TERMINAL:
         status["completionTime"] = previous.get("completionTime") or observed.now
     status.update(_counts_from_summary(kind, observed.summary, output_uri))
+    rate = _images_per_second(observed.summary, start, status.get("completionTime", ""))
+    if rate is not None:
+        status["imagesPerSecond"] = rate
     return status
+
+
+def _images_per_second(summary: Obj | None, start: str, end: str) -> float | None:
+    """Samples written over the stage's wall time, once it is done (Prometheus has the live rate)."""
+    if not summary or not start or not end:
+        return None
+    seconds = (_parse_time(end) - _parse_time(start)).total_seconds()
+    written = sum(int(n) for n in (summary.get("samples") or {}).values())
+    return round(written / seconds, 2) if seconds > 0 else None
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def _phase_and_conditions(observed: Observed) -> tuple[str, list[Obj]]:
     previous_phase = observed.previous.get("phase") or "Pending"
     refused: list[Obj] = []
     if observed.refused_change:
-        refused = [_condition("SpecChangeRefused", True, "OutputImmutable", observed.refused_change)]
+        refused = [_condition("SpecChangeRefused", True, "SpecImmutable", observed.refused_change)]
     # Terminal phases stay: a finished stage is not rerun by a later observation.
     if previous_phase in TERMINAL and not observed.refused_change:
         return previous_phase, [
@@ -362,7 +379,7 @@ def _train_phase_and_conditions(observed: TrainObserved) -> tuple[str, list[Obj]
     previous_phase = observed.previous.get("phase") or "Pending"
     refused: list[Obj] = []
     if observed.refused_change:
-        refused = [_condition("SpecChangeRefused", True, "OutputImmutable", observed.refused_change)]
+        refused = [_condition("SpecChangeRefused", True, "SpecImmutable", observed.refused_change)]
     if previous_phase in TERMINAL:
         kept = [c for c in observed.previous.get("conditions") or [] if c["type"] != "SpecChangeRefused"]
         return previous_phase, [*kept, *refused]

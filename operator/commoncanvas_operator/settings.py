@@ -1,4 +1,5 @@
-"""Operator settings: what the chart's values decide (images, node pools, object store), read once at start.
+"""Operator settings: what the chart's values decide (images, node pools, object store, the worker pods'
+security contexts), read once at start.
 
 The chart renders them as JSON into a ConfigMap mounted at ``COMMONCANVAS_OPERATOR_SETTINGS``; every
 field has a default so a bare ``python -m commoncanvas_operator`` runs too.
@@ -14,6 +15,8 @@ from typing import Any
 
 SETTINGS_ENV = "COMMONCANVAS_OPERATOR_SETTINGS"
 A100_PRODUCT = "NVIDIA-A100-SXM4-80GB"
+# The worker images' user (images/worker*.Dockerfile: USER 10001:10001).
+WORKER_UID = 10001
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,27 @@ class NodePool:
 
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_pod_security_context() -> dict[str, Any]:
+    """Every worker pod's securityContext unless the chart says otherwise: the images' non-root user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
+        "fsGroup": WORKER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def default_security_context() -> dict[str, Any]:
+    """Every worker container's securityContext unless the chart says otherwise (the root filesystem
+    read-only: the builders give the pods an emptyDir at /tmp for what they write)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def _default_pools() -> dict[str, NodePool]:
@@ -47,8 +71,17 @@ class Settings:
     scrape_pool: str = "cpu"
     control_pool: str = "cpu"
     worker_service_account: str = ""
+    # As Kubernetes writes them; empty: none. The TrainRun's pods size themselves from its spec, so
+    # worker_resources is for the stages' pods (plan, units, finalize) only.
+    worker_pod_security_context: dict[str, Any] = field(default_factory=default_pod_security_context)
+    worker_security_context: dict[str, Any] = field(default_factory=default_security_context)
+    worker_resources: dict[str, Any] = field(default_factory=dict)
     backoff_limit_per_index: int = 2
     metrics_port: int = 9400
+    # Workers keep /metrics up this long after their work (METRICS_LINGER_SECONDS in their pods).
+    metrics_linger_seconds: float = 0
+    # A replica silent this long in the peering object is gone; another takes over.
+    peering_lifetime_seconds: int = 60
     reconcile_seconds: float = 10.0
     # The operator's own /metrics (0 = off).
     operator_metrics_port: int = 8080
@@ -70,8 +103,13 @@ class Settings:
             "scrapePool": "scrape_pool",
             "controlPool": "control_pool",
             "workerServiceAccount": "worker_service_account",
+            "workerPodSecurityContext": "worker_pod_security_context",
+            "workerSecurityContext": "worker_security_context",
+            "workerResources": "worker_resources",
             "backoffLimitPerIndex": "backoff_limit_per_index",
             "metricsPort": "metrics_port",
+            "metricsLingerSeconds": "metrics_linger_seconds",
+            "peeringLifetimeSeconds": "peering_lifetime_seconds",
             "reconcileSeconds": "reconcile_seconds",
             "operatorMetricsPort": "operator_metrics_port",
         }
@@ -81,6 +119,14 @@ class Settings:
                 f"unknown operator settings {sorted(unknown)}; known: {sorted([*names, 'pools'])}"
             )
         kwargs: dict[str, Any] = {names[key]: value for key, value in data.items() if key in names}
+        for key in ("workerPodSecurityContext", "workerSecurityContext", "workerResources"):
+            if key not in data:
+                continue
+            # null (a chart value set to null) is none, as {} is; absent is the default.
+            value = data[key] if data[key] is not None else {}
+            if not isinstance(value, dict):
+                raise ValueError(f"operator setting {key} must be a mapping, got {value!r}")
+            kwargs[names[key]] = value
         if "pools" in data:
             kwargs["pools"] = {
                 name: NodePool(

@@ -150,9 +150,9 @@ def _report_units(count: int, termination_log: Path | None) -> None:
 def scrape_unit(file: Path, unit: int | None, metrics_port: int) -> None:
     """Run one work unit of the ScrapeJob in FILE (what a pod of the Indexed Job runs)."""
     from commoncanvas import metrics
-    from commoncanvas.scrape.worker import run_unit
+    from commoncanvas.scrape.worker import STAGE, run_unit
 
-    metrics.serve(metrics_port)
+    metrics.serve(metrics_port, stage=STAGE)
     stats = run_unit(_load_one(file, "ScrapeJob").spec, _unit_index(unit))
     _echo_json({k: v for k, v in stats.items() if k != "failures"})
 
@@ -189,9 +189,9 @@ def caption() -> None:
 def caption_unit(file: Path, unit: int | None, metrics_port: int) -> None:
     """Caption one work unit of the CaptionJob in FILE (input.uris must be resolved)."""
     from commoncanvas import metrics
-    from commoncanvas.caption.worker import run_unit
+    from commoncanvas.caption.worker import STAGE, run_unit
 
-    metrics.serve(metrics_port)
+    metrics.serve(metrics_port, stage=STAGE)
     stats = run_unit(_load_one(file, "CaptionJob").spec, _unit_index(unit))
     _echo_json({k: v for k, v in stats.items() if k != "failures"})
 
@@ -229,9 +229,9 @@ def latents() -> None:
 def latents_unit(file: Path, unit: int | None, metrics_port: int) -> None:
     """Encode one work unit of the TrainRun in FILE to VAE and text latents (dataset.uris resolved)."""
     from commoncanvas import metrics
-    from commoncanvas.train.latents import run_unit
+    from commoncanvas.train.latents import STAGE, run_unit
 
-    metrics.serve(metrics_port)
+    metrics.serve(metrics_port, stage=STAGE)
     stats = run_unit(_load_one(file, "TrainRun").spec, _unit_index(unit))
     _echo_json({k: v for k, v in stats.items() if k != "failures"})
 

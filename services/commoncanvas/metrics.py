@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import time
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+LINGER_ENV = "METRICS_LINGER_SECONDS"
 SAMPLES = Counter(
     "commoncanvas_samples_total", "Samples processed, by outcome", ["stage", "split", "outcome"]
 )
@@ -53,6 +58,10 @@ TRAIN_RESTARTS = Gauge(
 TRAIN_MFU = Gauge(
     "commoncanvas_train_mfu", "Model FLOPs utilization: UNet training FLOPs/s over peak FLOPs/s"
 )
+TRAIN_LAST_CHECKPOINT = Gauge(
+    "commoncanvas_train_last_checkpoint_timestamp_seconds",
+    "Unix time at which the newest checkpoint was published (its `latest` pointer written)",
+)
 
 
 def unit_finished(stage: str, written: int, seconds: float) -> None:
@@ -62,7 +71,30 @@ def unit_finished(stage: str, written: int, seconds: float) -> None:
     IMAGES_PER_SECOND.labels(stage).set(written / seconds if seconds else 0)
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on `port` (0 = don't)."""
-    if port:
-        start_http_server(port)
+def initialize(stage: str) -> None:
+    """Create a stage's labelled series at 0 before the first sample: rate() sees no increase in a
+    counter whose first scrape already holds it, and a unit pod's counters are born with its work."""
+    from commoncanvas.licenses import Split
+
+    for split in Split:
+        SAMPLES.labels(stage, split, "ok")
+        BYTES.labels(stage, split)
+    UNITS.labels(stage, "succeeded")
+    UNIT_SECONDS.labels(stage)
+
+
+def serve(port: int, stage: str | None = None, linger_seconds: float | None = None) -> None:
+    """Expose /metrics on `port` (0 = don't), with `stage`'s series initialized.
+
+    `linger_seconds` (default: $METRICS_LINGER_SECONDS, else 0) keeps /metrics up that long after the
+    process is done, so that a pod shorter than the scrape interval still shows its final counts.
+    """
+    if not port:
+        return
+    if stage:
+        initialize(stage)
+    start_http_server(port)
+    if linger_seconds is None:
+        linger_seconds = float(os.environ.get(LINGER_ENV) or 0)
+    if linger_seconds > 0:
+        atexit.register(time.sleep, linger_seconds)

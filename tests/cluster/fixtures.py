@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,13 +79,13 @@ def bucket(minio: MinioServer) -> str:
 
 
 @pytest.fixture
-def start_prometheus(tmp_path: Path) -> Iterator[Callable[[Sequence[str]], PrometheusServer]]:
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
     """Start a Prometheus scraping the given ``host:port`` targets every second (stopped after the test)."""
     _require("prometheus")
     servers: list[PrometheusServer] = []
 
-    def start(targets: Sequence[str]) -> PrometheusServer:
-        server = PrometheusServer(tmp_path / f"prometheus-{len(servers)}", targets)
+    def start(targets: Sequence[str], **options: Any) -> PrometheusServer:
+        server = PrometheusServer(tmp_path / f"prometheus-{len(servers)}", targets, **options)
         servers.append(server)
         server.start()
         return server

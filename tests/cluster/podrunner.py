@@ -4,8 +4,15 @@ It registers the Node (pool ``local``, tainted so only pods that ask land there)
 watches the pods bound to it and runs each pod's first container: ``command`` + ``args`` with
 ``$(VAR)`` expansion, and the container's environment (``value``, ``fieldRef``, ``secretKeyRef``,
 ``configMapKeyRef``, ``envFrom``). The process runs in a fresh directory (also its HOME and cwd; an
-image's ``workingDir`` and volume mounts do not exist here), and its exit code lands in the pod's
+image's ``workingDir`` does not exist here), and its exit code lands in the pod's
 ``containerStatuses[0].state.terminated.exitCode``. Output goes to ``WORK_DIR/NS_NAME_UID/container.log``.
+
+Without a mount namespace, a volume (``configMap``, ``secret``, ``emptyDir``) is a directory under
+the pod's, and its ``mountPath`` is rewritten to that directory wherever it starts a path in the
+argv or the environment; ``terminationMessagePath`` likewise, and what the process writes there is
+the terminated state's message. Every pod here shares the host's network and there is no cluster
+DNS: peers' names under the pod's own ``subdomain`` (its headless Service) are rewritten to the
+node's address.
 
 Run as ``python -m tests.cluster.podrunner --kubeconfig K --node NAME --work-dir DIR`` (LocalCluster
 does this with the node's own credentials, system:node:NAME, authorised by the Node authorizer).
@@ -79,6 +86,31 @@ def retry_graph_lag(call: Callable[[], T], seconds: float = 15.0) -> T:
             time.sleep(0.2)
 
 
+def localizer(
+    mounts: Mapping[str, str], subdomain: str | None, namespace: str, address: str
+) -> Callable[[str], str]:
+    """A function rewriting, in one pass, each mount path that starts a path (``/etc/x/f.yaml`` ->
+    ``LOCAL/f.yaml``) and, for a pod with a ``subdomain``, each DNS name under it (``h.sub``,
+    ``h.sub.ns.svc.cluster.local``) to ``address``. One pass, so a rewritten path is not rewritten again."""
+    replacements: dict[str, str] = {}
+    alternatives: list[str] = []
+    for mount_path in sorted(mounts, key=len, reverse=True):
+        alternatives.append(rf"(?P<m{len(alternatives)}>{re.escape(mount_path)})(?=/|$|[\s'\":;,])")
+        replacements[f"m{len(alternatives) - 1}"] = mounts[mount_path]
+    if subdomain:
+        suffix = rf"\.{re.escape(subdomain)}(?:\.{re.escape(namespace)}(?:\.svc(?:\.cluster\.local)?)?)?"
+        alternatives.append(rf"(?P<host>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?{suffix})(?![\w.-])")
+        replacements["host"] = address
+    if not alternatives:
+        return lambda text: text
+    pattern = re.compile(r"(?<![\w./-])(?:" + "|".join(alternatives) + ")")
+
+    def rewrite(match: re.Match[str]) -> str:
+        return replacements[match.lastgroup or ""]
+
+    return lambda text: pattern.sub(rewrite, text)
+
+
 def _die_with_runner() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -98,6 +130,8 @@ class PodProcess(threading.Thread):
         self.path = f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}"
         self.directory = runner.work_dir / f"{self.namespace}_{self.pod_name}_{self.uid}"
         self.log_file = self.directory / "container.log"
+        self.termination_file = self.directory / "termination-log"
+        self._token_value = ""
         self.terminating = threading.Event()
         self.grace_seconds = 30.0
         self._popen: subprocess.Popen[bytes] | None = None
@@ -215,16 +249,6 @@ class PodProcess(threading.Thread):
         if spec.get("automountServiceAccountToken") is False:
             return None
         account = spec.get("serviceAccountName") or "default"
-        request = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "expirationSeconds": 6 * 3600,
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid},
-            },
-        }
-        path = f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{account}/token"
-        token = retry_graph_lag(lambda: self.api.create(path, request))["status"]["token"]
         credentials = self.api.credentials
         config = {
             "apiVersion": "v1",
@@ -235,7 +259,7 @@ class PodProcess(threading.Thread):
                     "cluster": {"server": credentials.server, "certificate-authority": credentials.ca_file},
                 }
             ],
-            "users": [{"name": account, "user": {"token": token}}],
+            "users": [{"name": account, "user": {"token": self._token()}}],
             "contexts": [
                 {
                     "name": "pod",
@@ -248,6 +272,94 @@ class PodProcess(threading.Thread):
         kubeconfig.write_text(json.dumps(config))
         kubeconfig.chmod(0o600)
         return kubeconfig
+
+    def _token(self) -> str:
+        """A TokenRequest token for the pod's ServiceAccount, bound to the pod (made once)."""
+        if self._token_value:
+            return self._token_value
+        account = self.pod["spec"].get("serviceAccountName") or "default"
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": 6 * 3600,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid},
+            },
+        }
+        path = f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{account}/token"
+        self._token_value = str(retry_graph_lag(lambda: self.api.create(path, request))["status"]["token"])
+        return self._token_value
+
+    # -- the pod's files and peers' names --
+
+    def _volumes(self, container: Obj) -> dict[str, str]:
+        """mountPath -> the local directory standing in for it, with each volume's files written."""
+        volumes = {volume["name"]: volume for volume in self.pod["spec"].get("volumes") or []}
+        mounts: dict[str, str] = {}
+        for mount in container.get("volumeMounts") or []:
+            name = mount["name"]
+            if mount.get("subPath") or mount.get("subPathExpr"):
+                raise PodConfigError(f"volumeMount {name!r}: subPath is not supported by the pod runner")
+            volume = volumes.get(name)
+            if volume is None:
+                raise PodConfigError(f"volumeMount {name!r} names no volume of the pod")
+            local = self.directory / "volumes" / name
+            local.mkdir(parents=True, exist_ok=True)
+            if "configMap" in volume:
+                self._write_items(local, "configmaps", volume["configMap"])
+            elif "secret" in volume:
+                secret = volume["secret"]
+                self._write_items(local, "secrets", {**secret, "name": secret["secretName"]})
+            elif "projected" in volume:
+                self._write_projected(local, volume["projected"])
+            elif "emptyDir" not in volume:
+                raise PodConfigError(
+                    f"volume {name!r}: only configMap, secret, projected and emptyDir volumes are supported"
+                )
+            mounts[mount["mountPath"].rstrip("/") or "/"] = str(local)
+        mounts[container.get("terminationMessagePath") or "/dev/termination-log"] = str(self.termination_file)
+        return mounts
+
+    def _write_projected(self, target: Path, projected: Obj) -> None:
+        """The sources the kube-api-access volume uses: a token, a ConfigMap, downward API fields."""
+        for source in projected.get("sources") or []:
+            if "serviceAccountToken" in source:
+                (target / source["serviceAccountToken"]["path"]).write_text(self._token())
+            elif "configMap" in source:
+                self._write_items(target, "configmaps", source["configMap"])
+            elif "secret" in source:
+                self._write_items(target, "secrets", source["secret"])
+            elif "downwardAPI" in source:
+                for item in source["downwardAPI"].get("items") or []:
+                    if "fieldRef" not in item:
+                        raise PodConfigError("downwardAPI volume items: only fieldRef is supported")
+                    (target / item["path"]).write_text(self._field(item["fieldRef"]["fieldPath"]))
+            else:
+                raise PodConfigError(f"projected volume source {sorted(source)} is not supported")
+
+    def _write_items(self, target: Path, kind: str, source: Obj) -> None:
+        obj = self._fetch(kind, source["name"])
+        if obj is None:
+            if source.get("optional"):
+                return
+            raise PodConfigError(f"{kind[:-1]} {source['name']!r} not found")
+        data = obj.get("data") or {}
+        for item in source.get("items") or [{"key": key, "path": key} for key in data]:
+            if item["key"] not in data:
+                raise PodConfigError(f"{kind[:-1]} {source['name']!r} has no key {item['key']!r}")
+            value = data[item["key"]]
+            path = target / item["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(base64.b64decode(value) if kind == "secrets" else value.encode())
+
+    def localize(self, mounts: Mapping[str, str]) -> Callable[[str], str]:
+        """The rewrite of one argv word or env value: mount paths and peers' DNS names made local."""
+        return localizer(
+            mounts,
+            subdomain=self.pod["spec"].get("subdomain"),
+            namespace=self.namespace,
+            address=self.runner.node_ip,
+        )
 
     # -- status reporting --
 
@@ -334,7 +446,10 @@ class PodProcess(threading.Thread):
             "finishedAt": now_rfc3339(),
             "containerID": f"podrunner://{self.uid}",
         }
-        if exit_code != 0:
+        message = self._termination_message()
+        if message:
+            terminated["message"] = message
+        elif exit_code != 0:
             # terminationMessagePolicy FallbackToLogsOnError, as most workloads want it.
             terminated["message"] = self._log_tail()
         return {"terminated": terminated}
@@ -363,6 +478,13 @@ class PodProcess(threading.Thread):
 
         self._update_status(change)
 
+    def _termination_message(self) -> str:
+        try:
+            with self.termination_file.open("rb") as message:
+                return message.read(TERMINATION_MESSAGE_BYTES).decode(errors="replace")
+        except OSError:
+            return ""
+
     def _log_tail(self) -> str:
         try:
             with self.log_file.open("rb") as log:
@@ -390,7 +512,9 @@ class PodProcess(threading.Thread):
         try:
             declared = self.environment(container)
             argv = self._command(container, declared)
-            env = self._process_env(declared)
+            local = self.localize(self._volumes(container))
+            argv = [local(word) for word in argv]
+            env = self._process_env({key: local(value) for key, value in declared.items()})
         except (PodConfigError, ApiError) as error:
             self._report_config_error(str(error))
             self._finish_deletion()
@@ -481,7 +605,10 @@ class PodRunner:
     def _node_status(self) -> Obj:
         now = now_rfc3339()
         memory_kib = _memory_kib()
-        resources = {"cpu": str(os.cpu_count() or 1), "memory": f"{memory_kib}Ki", "pods": "110"}
+        # Requests are not enforced here; a floor of 8 CPUs lets a CPU training pod (2 CPUs) and the
+        # stage pods fit on a small machine.
+        cpus = max(os.cpu_count() or 1, 8)
+        resources = {"cpu": str(cpus), "memory": f"{memory_kib}Ki", "pods": "110"}
 
         def cond(condition_type: str, status: str, reason: str, message: str) -> Obj:
             return {

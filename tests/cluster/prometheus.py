@@ -10,7 +10,7 @@ import json
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,15 @@ class PrometheusServer:
         job: str = "commoncanvas",
         scrape_interval: str = "1s",
         binary: Path | None = None,
+        target_labels: Mapping[str, Mapping[str, str]] | None = None,
+        rule_files: Sequence[Path] = (),
     ) -> None:
+        """``target_labels``: labels a target's series get (as a PodMonitor adds namespace and pod);
+        ``rule_files``: recording and alerting rules evaluated every scrape interval."""
         self.directory = directory
         self.targets = list(targets)
+        self.target_labels = {target: dict(labels) for target, labels in (target_labels or {}).items()}
+        self.rule_files = [str(path) for path in rule_files]
         self.job = job
         self.scrape_interval = scrape_interval
         self.binary = binary or find_binary("prometheus")
@@ -48,7 +54,16 @@ class PrometheusServer:
     def _write_config(self) -> None:
         config = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
-            "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": self.targets}]}],
+            "rule_files": self.rule_files,
+            "scrape_configs": [
+                {
+                    "job_name": self.job,
+                    "static_configs": [
+                        {"targets": [target], "labels": self.target_labels.get(target, {})}
+                        for target in self.targets
+                    ],
+                }
+            ],
         }
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -90,6 +105,17 @@ class PrometheusServer:
         """An instant query; returns ``data.result`` (a list of {metric, value})."""
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
         with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.load(response)
+        if body.get("status") != "success":
+            raise RuntimeError(f"query {expression!r} failed: {body}")
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def query_range(self, expression: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        """A range query; returns ``data.result`` (a list of {metric, values})."""
+        params = {"query": expression, "start": start, "end": end, "step": step}
+        url = f"{self.url}/api/v1/query_range?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=30) as response:
             body = json.load(response)
         if body.get("status") != "success":
             raise RuntimeError(f"query {expression!r} failed: {body}")

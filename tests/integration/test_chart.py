@@ -1,19 +1,25 @@
 """The Helm chart: lint, the values schema, the monitoring copies and manifests/install.yaml kept
 current, and installs into the real control plane (a release with defaults, one with a GPU pool
-override, and a server-side dry-run of every object the chart renders)."""
+override, a server-side dry-run of every object the chart renders, and the worker pods the operator
+makes from the chart's settings admitted under the restricted Pod Security Standard)."""
 
 from __future__ import annotations
 
 import filecmp
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from tests.cluster.harness import LocalCluster
+from tests.cluster.kubeapi import ApiError
 from tests.cluster.processes import MissingBinaryError, find_binary
+
+from commoncanvas_operator import builders
+from commoncanvas_operator.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +65,17 @@ def test_chart_lints() -> None:
         ({"nodePools": {"a100": {"nodeSelector": {"gpu": 1}}}}, "/nodePools/a100/nodeSelector/gpu"),
         ({"monitoring": {"dashboards": {"enabled": "yes"}}}, "/monitoring/dashboards/enabled"),
         ({"objectStore": {"bucket": ["a"]}}, "/objectStore/bucket"),
+        (
+            {"workers": {"podSecurityContext": {"runAsUser": "10001"}}},
+            "/workers/podSecurityContext/runAsUser",
+        ),
+        (
+            {"workers": {"securityContext": {"readOnlyRootFilesystem": "yes"}}},
+            "/workers/securityContext/readOnlyRootFilesystem",
+        ),
+        # A misspelt field would be dropped by the API server, silently: the schema names it.
+        ({"workers": {"securityContext": {"readOnlyRootFileSystem": True}}}, "readOnlyRootFileSystem"),
+        ({"workers": {"resources": {"requests": {"cpu": True}}}}, "/workers/resources/requests/cpu"),
     ],
 )
 def test_schema_rejects_a_value_of_the_wrong_type(tmp_path: Path, values: dict[str, Any], field: str) -> None:
@@ -155,6 +172,100 @@ def test_dashboards_and_network_policy_are_opt_in() -> None:
     assert {name: json.loads(text) for doc in dashboards for name, text in doc["data"].items()} == sources
     (policy,) = by_kind(docs, "NetworkPolicy")
     assert {port["port"] for port in policy["spec"]["ingress"][0]["ports"]} == {8080, 8081}
+
+
+def rendered_settings(*args: str) -> Settings:
+    """The operator's settings as the chart renders them with ``args``."""
+    (config_map,) = [doc for doc in by_kind(render(*args), "ConfigMap") if "settings.json" in doc["data"]]
+    return Settings.from_dict(json.loads(config_map["data"]["settings.json"]))
+
+
+def test_settings_carry_the_worker_pods_hardening_and_its_overrides() -> None:
+    defaults = rendered_settings()
+    # The chart's defaults are the operator's own (bar the object store's names, the release's).
+    assert defaults == replace(
+        Settings(),
+        object_store_secret=defaults.object_store_secret,
+        object_store_config=defaults.object_store_config,
+    )
+    assert defaults.worker_pod_security_context == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert defaults.worker_security_context == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    changed = rendered_settings(
+        "--set=workers.podSecurityContext.runAsUser=2000",
+        "--set=workers.podSecurityContext.fsGroup=null",
+        "--set=workers.securityContext=null",
+        "--set=workers.resources.requests.memory=1Gi",
+    )
+    assert changed.worker_pod_security_context == {
+        "runAsNonRoot": True,
+        "runAsUser": 2000,
+        "runAsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert changed.worker_security_context == {}
+    assert changed.worker_resources == {"requests": {"memory": "1Gi"}}
+
+
+def worker_pods(settings: Settings) -> dict[str, dict[str, Any]]:
+    """A Pod for every pod template the operator builds: both stages' plan/units/finalize, a TrainRun's."""
+    meta = {"name": "t", "namespace": "x"}
+    bodies = {
+        "ScrapeJob": {"source": {"uri": "s3://b/meta.tsv"}, "output": {"uri": "s3://b/catalog"}},
+        "CaptionJob": {"input": {"uris": ["s3://b/catalog"]}, "output": {"uri": "s3://b/caps"}},
+    }
+    templates = {
+        f"{kind.lower()}-{step}": builders.stage_pod_template(
+            {"kind": kind, "metadata": meta, "spec": spec}, step, settings
+        )
+        for kind, spec in bodies.items()
+        for step in builders.STEPS
+    }
+    train = {
+        "kind": "TrainRun",
+        "metadata": meta,
+        "spec": {
+            "dataset": {"uris": ["s3://b/caps"]},
+            "output": {"uri": "s3://b/sd"},
+            "checkpoint": {"uri": "s3://b/sd-ckpt"},
+            "distributed": {"minNodes": 1, "maxNodes": 2, "gpusPerNode": 8},
+        },
+    }
+    templates["trainrun"] = builders.build_train_job(train, settings)["spec"]["template"]
+    return {
+        name: {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": template["spec"]}
+        for name, template in templates.items()
+    }
+
+
+def test_worker_pods_from_the_charts_settings_meet_the_restricted_pod_security_standard(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    cluster.api.patch(
+        f"/api/v1/namespaces/{namespace}",
+        {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}},
+    )
+    path = f"/api/v1/namespaces/{namespace}/pods"
+    for args, uid in (((), 10001), (("--set=workers.podSecurityContext.runAsUser=2000",), 2000)):
+        for name, pod in worker_pods(rendered_settings(*args)).items():
+            admitted = cluster.api.request("POST", path, body=pod, params={"dryRun": "All"})
+            assert admitted["spec"]["securityContext"]["runAsUser"] == uid, name
+    # The same pods without the container securityContext are refused: the check above means something.
+    for name, pod in worker_pods(rendered_settings("--set=workers.securityContext=null")).items():
+        with pytest.raises(ApiError) as refused:
+            cluster.api.request("POST", path, body=pod, params={"dryRun": "All"})
+        assert refused.value.status_code == 403, name
+        assert "violates PodSecurity" in refused.value.message, name
+        assert "allowPrivilegeEscalation" in refused.value.message, name
 
 
 def install(cluster: LocalCluster, namespace: str, release: str, *args: str) -> None:

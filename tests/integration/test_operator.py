@@ -8,10 +8,9 @@ tolerates.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tests.cluster.harness import A100_POOL, CPU_POOL, GPU_RESOURCE, LocalCluste
 from tests.cluster.kubeapi import ApiError, Obj
 from tests.cluster.kwok_stages import FAIL_ANNOTATION, RUN_DURATION_ANNOTATION
 from tests.cluster.minio import MinioServer
-from tests.cluster.processes import free_port
+from tests.cluster.operator import OperatorProcess, installed_operator
 
 pytestmark = pytest.mark.integration
 
@@ -30,92 +29,19 @@ CHART = REPO_ROOT / "charts" / "commoncanvas"
 API = "/apis/commoncanvas.dev/v1alpha1"
 
 
-class Operator:
-    """``python -m commoncanvas_operator`` as a subprocess with the chart's ServiceAccount token."""
-
-    def __init__(self, cluster: LocalCluster, namespace: str, env: dict[str, str], log: Path) -> None:
-        self.cluster, self.namespace, self.env, self.log = cluster, namespace, env, log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.liveness = free_port()
-
-    def start(self) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "commoncanvas_operator",
-            f"--namespace={self.namespace}",
-            "--standalone",
-            f"--liveness=http://127.0.0.1:{self.liveness}/healthz",
-        ]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
-def operator(cluster: LocalCluster, namespace: str, minio: MinioServer, tmp_path: Path) -> Iterator[Operator]:
-    values = {
-        "operator": {"replicas": 0, "watchNamespace": namespace, "reconcileSeconds": 1},
-        "workers": {"backoffLimitPerIndex": 0},
-        "objectStore": {
-            "endpoint": minio.env()["S3_ENDPOINT_URL"],
-            "accessKeyId": minio.env()["AWS_ACCESS_KEY_ID"],
-            "secretAccessKey": minio.env()["AWS_SECRET_ACCESS_KEY"],
-        },
-        "nodePools": {"cpu": {"nodeSelector": CPU_POOL.node_selector, "tolerations": []}},
-    }
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump(values))
-    release = f"cc-{namespace}"
-    subprocess.run(
-        [
-            str(cluster.bin_dir / "helm"),
-            f"--kubeconfig={cluster.kubeconfig}",
-            "install",
-            release,
-            str(CHART),
-            f"--namespace={namespace}",
-            f"--values={values_file}",
-            "--wait",
-            "--timeout=60s",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    config_map = cluster.api.get(f"/api/v1/namespaces/{namespace}/configmaps/{release}-operator")
-    settings = json.loads(config_map["data"]["settings.json"])
-    settings["operatorMetricsPort"] = free_port()
-    settings_file = tmp_path / "settings.json"
-    settings_file.write_text(json.dumps(settings))
-    env = {
-        **os.environ,
-        **minio.env(),
-        "KUBECONFIG": str(cluster.service_account_kubeconfig(namespace, f"{release}-operator")),
-        "COMMONCANVAS_OPERATOR_SETTINGS": str(settings_file),
-    }
-    running = Operator(cluster, namespace, env, tmp_path / "operator.log")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.kill()
-        print(running.log.read_text(errors="replace")[-6000:])
-        subprocess.run(
-            [
-                str(cluster.bin_dir / "helm"),
-                f"--kubeconfig={cluster.kubeconfig}",
-                "uninstall",
-                release,
-                f"--namespace={namespace}",
-            ],
-            check=False,
-            capture_output=True,
-        )
+def operator(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    values = {"nodePools": {"cpu": {"nodeSelector": CPU_POOL.node_selector, "tolerations": []}}}
+    with installed_operator(cluster, namespace, minio, tmp_path, values) as env:
+        running = OperatorProcess(namespace, env, tmp_path / "operator.log")
+        running.start()
+        try:
+            yield running
+        finally:
+            running.kill()
+            print(running.log_tail())
 
 
 def scrape_job(name: str, bucket: str, **annotations: str) -> Obj:
@@ -194,7 +120,7 @@ def pods(cluster: LocalCluster, namespace: str, job: str) -> list[Obj]:
 
 
 def test_caption_waits_for_scrape_then_both_succeed_and_a_restart_duplicates_nothing(
-    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: Operator
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: OperatorProcess
 ) -> None:
     seed_plans(minio, bucket, ("yfcc", 3), ("caps", 2))
     cluster.apply(caption_job("caps", bucket, "yfcc"), namespace)
@@ -253,7 +179,7 @@ def test_caption_waits_for_scrape_then_both_succeed_and_a_restart_duplicates_not
 
 
 def test_failing_units_fail_the_stage_and_its_downstream_names_it(
-    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: Operator
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: OperatorProcess
 ) -> None:
     seed_plans(minio, bucket, ("bad", 2), ("after", 1))
     cluster.apply(
@@ -274,7 +200,7 @@ def test_failing_units_fail_the_stage_and_its_downstream_names_it(
 
 
 def test_invalid_resource_is_rejected_and_deleting_one_removes_its_children(
-    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: Operator
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: OperatorProcess
 ) -> None:
     invalid = scrape_job("invalid", bucket)
     invalid["spec"]["unitSize"] = 0
@@ -311,7 +237,7 @@ def train_run(name: str, bucket: str, max_nodes: int, **annotations: str) -> Obj
 
 
 def test_train_run_gets_a_rendezvous_service_and_one_gpu_pod_per_a100_node(
-    cluster: LocalCluster, namespace: str, bucket: str, operator: Operator
+    cluster: LocalCluster, namespace: str, bucket: str, operator: OperatorProcess
 ) -> None:
     cluster.apply(train_run("sd", bucket, max_nodes=2), namespace)
 
@@ -342,7 +268,7 @@ def test_train_run_gets_a_rendezvous_service_and_one_gpu_pod_per_a100_node(
 
 
 def test_train_run_pod_on_a_lost_a100_node_is_replaced_and_the_run_still_succeeds(
-    cluster: LocalCluster, namespace: str, bucket: str, operator: Operator
+    cluster: LocalCluster, namespace: str, bucket: str, operator: OperatorProcess
 ) -> None:
     spare = cluster.create_node(f"a100-spare-{namespace}", A100_POOL)["metadata"]["name"]
     cluster.apply(train_run("lossy", bucket, max_nodes=2, **{RUN_DURATION_ANNOTATION: "12s"}), namespace)
@@ -391,3 +317,119 @@ def test_train_run_pod_on_a_lost_a100_node_is_replaced_and_the_run_still_succeed
         cluster.delete_node(spare)
         if lost is not None and lost != spare:
             cluster.create_node(lost, A100_POOL)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except (urllib.error.URLError, ConnectionError) as error:
+        return 0, str(error)
+
+
+def test_two_replicas_peer_one_works_and_the_other_takes_over_when_it_dies(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, tmp_path: Path
+) -> None:
+    values = {
+        "operator": {"peering": "commoncanvas", "peeringLifetimeSeconds": 5},
+        "nodePools": {"cpu": {"nodeSelector": CPU_POOL.node_selector, "tolerations": []}},
+    }
+    with installed_operator(cluster, namespace, minio, tmp_path, values) as env:
+        replicas = [
+            OperatorProcess(
+                namespace, env, tmp_path / f"replica-{i}.log", standalone=False, peering="commoncanvas"
+            )
+            for i in range(2)
+        ]
+        try:
+            for replica in replicas:
+                replica.start()
+            for replica in replicas:
+                healthz = f"http://127.0.0.1:{replica.liveness}/healthz"
+                wait_for(lambda url=healthz: http_get(url)[0] == 200, "liveness")  # type: ignore[misc]
+            # The lower-priority replica pauses once it sees the other in the peering object.
+            wait_for(
+                lambda: sum("Pausing operations" in r.log_tail(10**6) for r in replicas) == 1, "one paused"
+            )
+            [active] = [r for r in replicas if "Pausing operations" not in r.log_tail(10**6)]
+            [standby] = [r for r in replicas if r is not active]
+
+            seed_plans(minio, bucket, ("first", 1), ("unused", 1))
+            cluster.apply(scrape_job("first", bucket), namespace)
+            wait_status(cluster, namespace, "scrapejobs", "first", phase("Succeeded"), "first Succeeded")
+            status, text = http_get(f"http://127.0.0.1:{active.metrics_port}/metrics")
+            assert status == 200
+            assert 'commoncanvas_operator_reconciles_total{kind="ScrapeJob",result="ok"}' in text
+            assert 'commoncanvas_operator_units_done{kind="ScrapeJob",name="first"' in text
+            _, idle = http_get(f"http://127.0.0.1:{standby.metrics_port}/metrics")
+            assert 'name="first"' not in idle, "the paused replica reconciled too"
+
+            active.kill()  # no goodbye: its peering entry must go stale
+            seed_plans(minio, bucket, ("second", 1), ("unused", 1))
+            cluster.apply(scrape_job("second", bucket), namespace)
+            wait_status(cluster, namespace, "scrapejobs", "second", phase("Succeeded"), "taken over", 90)
+            assert "Resuming operations" in standby.log_tail(10**6)
+        finally:
+            for replica in replicas:
+                replica.kill()
+                print(replica.log_tail(3000))
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def test_a_spec_change_running_work_cannot_take_is_refused_and_nothing_changes(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: OperatorProcess
+) -> None:
+    seed_plans(minio, bucket, ("slow", 2), ("unused", 1))
+    body = scrape_job("slow", bucket, **{RUN_DURATION_ANNOTATION: "600s"})
+    cluster.apply(body, namespace)
+    wait_status(
+        cluster,
+        namespace,
+        "scrapejobs",
+        "slow",
+        lambda s: (s.get("units") or {}).get("total") == 2,
+        "planned",
+    )
+    job_file = cluster.api.get(f"/api/v1/namespaces/{namespace}/configmaps/slow-job")
+
+    path = f"{API}/namespaces/{namespace}/scrapejobs/slow"
+    moved = f"s3://{bucket}/other.tsv"
+    cluster.api.patch(path, {"spec": {"source": {"uri": moved}, "parallelism": 1}})
+    refused = wait_status(
+        cluster,
+        namespace,
+        "scrapejobs",
+        "slow",
+        lambda s: any(c["type"] == "SpecChangeRefused" for c in s.get("conditions") or []),
+        "refused",
+    )
+    [condition] = [c for c in refused["status"]["conditions"] if c["type"] == "SpecChangeRefused"]
+    assert condition["message"].startswith("spec.source.uri changed after this resource's work started")
+    assert refused["status"]["phase"] == "Running"
+    after = cluster.api.get(f"/api/v1/namespaces/{namespace}/configmaps/slow-job")
+    assert after["data"] == job_file["data"], "the running work's job file was changed"
+
+    # Set back: the parallelism change alone applies.
+    cluster.api.patch(path, {"spec": {"source": {"uri": body["spec"]["source"]["uri"]}}})
+    wait_status(
+        cluster,
+        namespace,
+        "scrapejobs",
+        "slow",
+        lambda s: not any(c["type"] == "SpecChangeRefused" for c in s.get("conditions") or []),
+        "accepted",
+    )
+    cluster.api.wait_for(
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/slow-units",
+        lambda job: job["spec"]["parallelism"] == 1,
+        30,
+        "parallelism 1",
+    )
+    cluster.api.delete(path)

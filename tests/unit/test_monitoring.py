@@ -8,17 +8,12 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from prometheus_client import REGISTRY
 from tests.cluster.processes import MissingBinaryError, find_binary
-
-ROOT = Path(__file__).resolve().parents[2]
-MONITORING = ROOT / "monitoring"
-RULES = MONITORING / "prometheus-rules.yaml"
-DASHBOARDS = sorted((MONITORING / "dashboards").glob("*.json"))
+from tests.dashboards import DASHBOARDS, MONITORING, ROOT, RULES, panel_queries, substitute
 
 # Series that other software exports, named in the dashboards on purpose:
 # - dcgm-exporter's default counters (NVIDIA DCGM field names): GPU utilisation and framebuffer use.
@@ -26,8 +21,6 @@ DASHBOARDS = sorted((MONITORING / "dashboards").glob("*.json"))
 FOREIGN_METRICS = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "ALERTS"}
 # Modules whose prometheus_client metrics register on import.
 METRIC_MODULES = ("commoncanvas.metrics", "commoncanvas_operator.metrics")
-# Grafana's template variables, replaced by a value of their kind before parsing.
-VARIABLES = {"$__rate_interval": "5m", "$namespace": ".*", "$stage": "caption"}
 
 
 def promtool() -> Path:
@@ -84,21 +77,6 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(name)
     return names
-
-
-def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    out = []
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            out.append((f"{dashboard['title']} / {panel['title']} / {target['refId']}", target["expr"]))
-    return out
-
-
-def substitute(expr: str) -> str:
-    for variable, value in VARIABLES.items():
-        expr = expr.replace(variable, value)
-    assert "$" not in expr, f"unknown template variable in {expr!r}"
-    return expr
 
 
 # ---------------------------------------------------------------------------------- rules

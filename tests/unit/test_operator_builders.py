@@ -104,7 +104,7 @@ def test_unknown_node_pool_is_named_in_the_error() -> None:
 
 def test_job_file_replaces_the_upstream_reference_with_its_output_uri_and_validates() -> None:
     resource = builders.resolve_resource(caption_job(), "s3://b/catalog")
-    config_map = builders.build_job_file(resource)
+    config_map = builders.build_job_file(resource, caption_job()["spec"])
 
     assert config_map["metadata"]["name"] == "caps-job"
     text = config_map["data"]["job.yaml"]
@@ -115,7 +115,8 @@ def test_job_file_replaces_the_upstream_reference_with_its_output_uri_and_valida
 def test_job_file_is_what_the_worker_cli_loads(tmp_path: Any) -> None:
     for body, uri in ((scrape_job(unitSize=10), None), (caption_job(), "s3://b/catalog")):
         path = tmp_path / f"{body['kind']}.yaml"
-        path.write_text(builders.build_job_file(builders.resolve_resource(body, uri))["data"]["job.yaml"])
+        config_map = builders.build_job_file(builders.resolve_resource(body, uri), body["spec"])
+        path.write_text(config_map["data"]["job.yaml"])
         [resource] = load_resources(path, KINDS)
         assert resource.kind == body["kind"]
 
@@ -135,6 +136,102 @@ def test_children_are_labelled_with_their_owner_and_step() -> None:
 def test_settings_reject_unknown_keys() -> None:
     with pytest.raises(ValueError, match="cpuImag"):
         Settings.from_dict({"cpuImag": "x"})
+    with pytest.raises(ValueError, match="workerSecurityContexts"):
+        Settings.from_dict({"workerSecurityContexts": {}})
+    with pytest.raises(ValueError, match="workerPodSecurityContext must be a mapping"):
+        Settings.from_dict({"workerPodSecurityContext": ["runAsNonRoot"]})
+
+
+def stage_pods(settings: Settings = SETTINGS) -> list[tuple[str, dict[str, Any]]]:
+    """(description, pod spec) of every Job of both sharded kinds."""
+    bodies = {"ScrapeJob": scrape_job(), "CaptionJob": caption_job()}
+    return [
+        (
+            f"{kind} {step}",
+            builders.build_stage_job(body, step, settings, units=2)["spec"]["template"]["spec"],
+        )
+        for kind, body in bodies.items()
+        for step in builders.STEPS
+    ]
+
+
+def test_every_stage_pod_is_hardened_and_writes_only_under_its_tmp_emptydir() -> None:
+    for what, pod in stage_pods():
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }, what
+        [container] = pod["containers"]
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }, what
+        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"], what
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], what
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HOME"] == "/tmp/home" and env["TMPDIR"] == "/tmp", what
+        assert env["HF_HOME"] == "/tmp/home/.cache/huggingface", what
+        # Every volume the container mounts exists, once.
+        names = [v["name"] for v in pod["volumes"]]
+        assert sorted(names) == sorted({m["name"] for m in container["volumeMounts"]}), what
+
+
+def test_the_default_user_is_the_worker_images_user() -> None:
+    from pathlib import Path
+
+    images = Path(__file__).resolve().parents[2] / "images"
+    for dockerfile in ("worker.Dockerfile", "worker-gpu.Dockerfile"):
+        users = [
+            line.split()[1]
+            for line in (images / dockerfile).read_text().splitlines()
+            if line.startswith("USER ")
+        ]
+        assert users == ["10001:10001"], dockerfile
+    context = SETTINGS.worker_pod_security_context
+    assert f"{context['runAsUser']}:{context['runAsGroup']}" == "10001:10001"
+
+
+def test_security_context_and_resources_settings_reach_every_stage_pod() -> None:
+    settings = Settings.from_dict(
+        {
+            "workerPodSecurityContext": {"runAsNonRoot": True, "runAsUser": 2000},
+            "workerSecurityContext": None,  # a chart value set to null: no container securityContext
+            "workerResources": {"requests": {"cpu": "500m"}, "limits": {"memory": "1Gi"}},
+        }
+    )
+    for what, pod in stage_pods(settings):
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 2000}, what
+        [container] = pod["containers"]
+        assert "securityContext" not in container, what
+        gpus = {builders.GPU_RESOURCE: "1"} if what == "CaptionJob units" else {}
+        assert container["resources"] == {
+            "requests": {"cpu": "500m"},
+            "limits": {"memory": "1Gi", **gpus},
+        }, what
+        # The scratch dir stays: it is where the workers write whatever the root filesystem is.
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], what
+    # Each pod has its own copies: changing one changes neither the settings nor the next pod.
+    pod = stage_pods(settings)[0][1]
+    pod["securityContext"]["runAsUser"] = 0
+    pod["containers"][0]["resources"]["limits"]["memory"] = "2Gi"
+    assert settings.worker_pod_security_context["runAsUser"] == 2000
+    assert settings.worker_resources["limits"] == {"memory": "1Gi"}
+    assert Settings.from_dict({"workerSecurityContext": {}}).worker_security_context == {}
+
+
+def test_operator_defaults_are_the_charts() -> None:
+    from pathlib import Path
+
+    values = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "charts" / "commoncanvas" / "values.yaml").read_text()
+    )["workers"]
+    assert values["podSecurityContext"] == SETTINGS.worker_pod_security_context
+    assert values["securityContext"] == SETTINGS.worker_security_context
+    assert values["resources"] == SETTINGS.worker_resources == {}
 
 
 def test_the_charts_crds_are_the_generated_ones() -> None:
@@ -145,3 +242,18 @@ def test_the_charts_crds_are_the_generated_ones() -> None:
         assert (
             root / "charts" / "commoncanvas" / "crds" / generated.name
         ).read_text() == generated.read_text()
+
+
+def test_metrics_linger_reaches_every_worker_pod_only_when_set() -> None:
+    from tests.unit.test_operator_train import train_job
+
+    def linger(pod: dict[str, Any]) -> list[str]:
+        env = pod["containers"][0]["env"]
+        return [e["value"] for e in env if e["name"] == "METRICS_LINGER_SECONDS"]
+
+    lingering = Settings(metrics_linger_seconds=15)
+    for what, pod in stage_pods(lingering):
+        assert linger(pod) == ["15"], what
+    assert linger(train_job(settings=lingering)["spec"]["template"]["spec"]) == ["15"]
+    assert all(linger(pod) == [] for _, pod in stage_pods())
+    assert Settings.from_dict({"metricsLingerSeconds": 2.5}).metrics_linger_seconds == 2.5

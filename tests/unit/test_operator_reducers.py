@@ -131,6 +131,20 @@ def test_finalized_stage_succeeds_with_counts_from_its_summary() -> None:
     assert status["licenses"] == {"CC-BY": 7}
     assert status["outputs"] == {"commercial": "s3://b/c/commercial"}
     assert status["completionTime"] == NOW
+    assert "imagesPerSecond" not in status  # started and finished in the same observation
+
+
+def test_a_finished_stage_reports_samples_per_second_of_wall_time() -> None:
+    summary = {"samples": {"commercial": 700, "noncommercial": 300}}
+    units = JobView(complete=True, completed_indexes="0-1")
+    previous = {"phase": "Running", "startTime": "2025-12-31T23:58:20Z"}
+    observed = observe(
+        previous=previous, plan=DONE, plan_units=2, units=units, finalize=DONE, summary=summary
+    )
+
+    status = reduce_stage("ScrapeJob", "s3://b/c", observed)
+
+    assert status["imagesPerSecond"] == 10.0  # 1,000 samples in 100 s
 
 
 def test_a_finalized_stage_without_summary_still_succeeds() -> None:

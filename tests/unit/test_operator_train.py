@@ -111,6 +111,40 @@ def test_train_pods_get_gpus_the_pool_env_and_the_job_file() -> None:
     assert pod["volumes"][0]["configMap"]["name"] == "sd-job"
 
 
+def test_train_pods_are_hardened_keep_their_shared_memory_and_write_under_tmp() -> None:
+    pod = train_job()["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+
+    assert pod["securityContext"] == SETTINGS.worker_pod_security_context
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {builders.JOB_FILE_DIR: "job-file", "/dev/shm": "dshm", "/tmp": "tmp"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HOME"] == "/tmp/home" and env["TMPDIR"] == "/tmp"
+    assert env["HF_HOME"] == "/tmp/home/.cache/huggingface"
+    # Its resources come from the TrainRun, never from the stages' workerResources.
+    settings = Settings.from_dict(
+        {
+            "workerPodSecurityContext": {"runAsUser": 4242, "runAsNonRoot": True},
+            "workerSecurityContext": {"readOnlyRootFilesystem": False},
+            "workerResources": {"requests": {"cpu": "1"}},
+        }
+    )
+    pod = train_job(settings=settings)["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsUser": 4242, "runAsNonRoot": True}
+    assert pod["containers"][0]["securityContext"] == {"readOnlyRootFilesystem": False}
+    assert pod["containers"][0]["resources"]["requests"]["cpu"] == "64"
+
+
 def test_train_job_follows_the_named_pool_suspend_and_cpu_only_runs() -> None:
     settings = Settings(pools={"h100": NodePool(node_selector={"gpu": "h100"}), "cpu": NodePool()})
     body = train_run({"maxNodes": 1, "gpusPerNode": 0, "nodePool": "h100"}, suspend=True)
@@ -129,7 +163,8 @@ def test_train_job_follows_the_named_pool_suspend_and_cpu_only_runs() -> None:
 
 def test_job_file_trains_on_the_caption_jobs_output() -> None:
     resource = builders.resolve_resource(train_run(), "s3://b/caps")
-    job_file = yaml.safe_load(builders.build_job_file(resource)["data"][builders.JOB_FILE_KEY])
+    config_map = builders.build_job_file(resource, train_run()["spec"])
+    job_file = yaml.safe_load(config_map["data"][builders.JOB_FILE_KEY])
 
     assert job_file["spec"]["dataset"]["uris"] == ["s3://b/caps"]
     assert "captionJobRef" not in job_file["spec"]["dataset"]

@@ -1,4 +1,5 @@
 {{- define "commoncanvas.name" -}}{{ .Release.Name }}-operator{{- end -}}
+{{- define "commoncanvas.peering" -}}{{ .Values.operator.peering | default (include "commoncanvas.name" .) }}{{- end -}}
 {{- define "commoncanvas.objectStore" -}}{{ .Release.Name }}-object-store{{- end -}}
 {{- define "commoncanvas.secret" -}}
 {{- .Values.objectStore.existingSecret | default (include "commoncanvas.objectStore" .) -}}

@@ -31,13 +31,14 @@ class LocalHTTPServer:
         routes: dict[str, Handler] | None = None,
         latency: float = 0.0,
         on_request: Callable[[str], None] | None = None,
+        port: int | None = None,
     ) -> None:
         self.root = root
         self.files = files or {}
         self.routes = routes or {}
         self.latency = latency
         self.on_request = on_request
-        self.port = free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.requests: list[str] = []
         self._loop = asyncio.new_event_loop()
