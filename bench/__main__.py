@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["scrape_fetch", "caption_batch", "train_speedups"]
+BENCHMARKS = ["scrape_fetch", "caption_batch", "train_speedups", "operator_scale"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,7 @@ class LocalCluster:
         local_pod_env: Mapping[str, str] | None = None,
         binaries: Path | None = None,
         detached: bool = False,
+        extra_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.cpu_nodes = cpu_nodes
@@ -166,6 +167,8 @@ class LocalCluster:
         self.local_pod_env = dict(local_pod_env or {})
         self.bin_dir = binaries or bin_dir()
         self.detached = detached
+        # More flags for a component by process name, e.g. {"kube-scheduler": ["--kube-api-qps=500"]}.
+        self.extra_args = {name: list(args) for name, args in (extra_args or {}).items()}
         self.pki_dir = self.state_dir / "pki"
         self.logs_dir = self.state_dir / "logs"
         self.kubeconfig_dir = self.state_dir / "kubeconfigs"
@@ -305,7 +308,7 @@ class LocalCluster:
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> ManagedProcess:
         process = ManagedProcess(
             name=name,
-            argv=argv,
+            argv=[*argv, *self.extra_args.get(name, ())],
             log_file=self.logs_dir / f"{name}.log",
             env=env,
             cwd=self.state_dir,
