@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import time
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 LINGER_ENV = "METRICS_LINGER_SECONDS"
 SAMPLES = Counter(
@@ -43,25 +44,52 @@ OOM_BACKOFFS = Counter(
 
 
 # Training (rank 0 of a TrainRun); images/s and GPU memory use the shared gauges with stage="train".
-TRAIN_STEP = Gauge("commoncanvas_train_step", "Optimizer steps done")
-TRAIN_IMAGES_SEEN = Gauge("commoncanvas_train_images_seen", "Images trained on so far (all ranks)")
-TRAIN_LOSS = Gauge("commoncanvas_train_loss", "Loss of the last step, mean over ranks")
-TRAIN_LEARNING_RATE = Gauge("commoncanvas_train_learning_rate", "Learning rate of the last step")
+# Kept out of /metrics until `export_training`: other workers, and the other ranks, would report a
+# step of 0 forever (and look stalled to the TrainingStalled alert).
+TRAIN_STEP = Gauge("commoncanvas_train_step", "Optimizer steps done", registry=None)
+TRAIN_IMAGES_SEEN = Gauge(
+    "commoncanvas_train_images_seen", "Images trained on so far (all ranks)", registry=None
+)
+TRAIN_LOSS = Gauge("commoncanvas_train_loss", "Loss of the last step, mean over ranks", registry=None)
+TRAIN_LEARNING_RATE = Gauge(
+    "commoncanvas_train_learning_rate", "Learning rate of the last step", registry=None
+)
 TRAIN_STEP_SECONDS = Histogram(
     "commoncanvas_train_step_seconds",
     "Wall time of one optimizer step (data, forward, backward, all-reduce, update)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+    registry=None,
 )
 TRAIN_RESTARTS = Gauge(
-    "commoncanvas_train_restarts", "Restarts of the process group (TORCHELASTIC_RESTART_COUNT)"
+    "commoncanvas_train_restarts", "Restarts of the process group (TORCHELASTIC_RESTART_COUNT)", registry=None
 )
 TRAIN_MFU = Gauge(
-    "commoncanvas_train_mfu", "Model FLOPs utilization: UNet training FLOPs/s over peak FLOPs/s"
+    "commoncanvas_train_mfu",
+    "Model FLOPs utilization: UNet training FLOPs/s over peak FLOPs/s",
+    registry=None,
 )
 TRAIN_LAST_CHECKPOINT = Gauge(
     "commoncanvas_train_last_checkpoint_timestamp_seconds",
     "Unix time at which the newest checkpoint was published (its `latest` pointer written)",
+    registry=None,
 )
+TRAINING = (
+    TRAIN_STEP,
+    TRAIN_IMAGES_SEEN,
+    TRAIN_LOSS,
+    TRAIN_LEARNING_RATE,
+    TRAIN_STEP_SECONDS,
+    TRAIN_RESTARTS,
+    TRAIN_MFU,
+    TRAIN_LAST_CHECKPOINT,
+)
+
+
+def export_training() -> None:
+    """Put the run's training series on this process's /metrics (rank 0 does; idempotent)."""
+    for collector in TRAINING:
+        with contextlib.suppress(ValueError):  # already registered
+            REGISTRY.register(collector)
 
 
 def unit_finished(stage: str, written: int, seconds: float) -> None:

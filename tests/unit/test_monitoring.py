@@ -38,6 +38,7 @@ def exported_metrics() -> set[str]:
     """Series names our registries expose: counters as _total, histograms as _bucket/_sum/_count."""
     for module in METRIC_MODULES:
         importlib.import_module(module)
+    importlib.import_module("commoncanvas.metrics").export_training()  # what rank 0 serves
     names = set()
     for family in REGISTRY.collect():
         if family.type == "counter":

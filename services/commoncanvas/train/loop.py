@@ -100,6 +100,8 @@ def train(
     output = open_storage(spec.output.uri)
     report = Reporter(name, spec, world, output)
     if os.environ.get("METRICS_PORT"):  # rank 0 has the run's metrics; every rank its GPU memory
+        if world.is_main:
+            metrics.export_training()
         metrics.serve(int(os.environ["METRICS_PORT"]) + world.local_rank)
 
     # The training set's streams first: a missing dataset fails before minutes of model loading.
