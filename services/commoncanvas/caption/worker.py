@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from streaming import MDSWriter
-from torch.utils.data import DataLoader, Dataset
 
 from commoncanvas import metrics, units
 from commoncanvas.caption.text import caption_problem, clean_caption
-from commoncanvas.caption.unitplan import CaptionLayout, CaptionUnit, ensure_caption_plan, read_caption_units
-from commoncanvas.mds import shards_dataset
+from commoncanvas.caption.unitplan import CaptionLayout, ensure_caption_plan, read_caption_units
 from commoncanvas.specs.caption import CaptionJobSpec
+from commoncanvas.unitloop import unit_work
 
 log = logging.getLogger(__name__)
 STAGE = "caption"
@@ -43,38 +40,16 @@ def center_square(image: Any, size: int) -> Any:
     return square.resize((size, size), Image.Resampling.BICUBIC) if side > size else square
 
 
-class CaptionInputs(Dataset[dict[str, Any]]):
-    """Map-style view of a unit's shards: a DataLoader keeps the order and decodes in workers."""
+def caption_pixels(data: bytes, image_processor: Any, size: int) -> torch.Tensor:
+    """Encoded image -> the captioner's pixel values, of its center square."""
+    import io
 
-    def __init__(self, dataset: Any, image_processor: Any, image_size: int) -> None:
-        self.dataset = dataset
-        self.image_processor = image_processor
-        self.image_size = image_size
+    from PIL import Image
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        import io
-
-        from PIL import Image
-
-        sample = self.dataset[index]
-        try:
-            with Image.open(io.BytesIO(sample["image"])) as opened:
-                image = center_square(opened.convert("RGB"), self.image_size)
-            pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        except Exception as exc:  # any decoder error means the same thing: this image is unusable
-            return {"sample": sample, "pixels": None, "error": f"corrupt-image: {type(exc).__name__}: {exc}"}
-        return {"sample": sample, "pixels": pixels, "error": ""}
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    good = [item for item in items if item["pixels"] is not None]
-    return {
-        "items": items,
-        "pixels": torch.stack([item["pixels"] for item in good]) if good else None,
-    }
+    with Image.open(io.BytesIO(data)) as opened:
+        image = center_square(opened.convert("RGB"), size)
+    pixels: torch.Tensor = image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    return pixels
 
 
 @dataclass
@@ -178,25 +153,6 @@ def load_captioner(spec: CaptionJobSpec, cache_dir: Path) -> Captioner:
     )
 
 
-def _streaming_view(unit: CaptionUnit, local: Path) -> Any:
-    return shards_dataset(unit.split_root, unit.shards, local)
-
-
-def iter_batches(spec: CaptionJobSpec, dataset: Any, image_processor: Any) -> Iterator[dict[str, Any]]:
-    workers = spec.loader_workers
-    loader = DataLoader(
-        CaptionInputs(dataset, image_processor, spec.image_size),
-        batch_size=spec.batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=2 if workers else None,
-        persistent_workers=False,
-    )
-    yield from loader
-
-
 def run_unit(
     spec: CaptionJobSpec, unit_index: int, resolve_ref: Callable[[str], str] | None = None
 ) -> dict[str, Any]:
@@ -204,75 +160,36 @@ def run_unit(
     layout = CaptionLayout.at(spec.output.uri)
     if units.is_done(layout.output, unit_index):
         return units.read_marker(layout.output, unit_index)
-    plan = ensure_caption_plan(spec, layout, resolve_ref)
-    unit = read_caption_units(plan)[unit_index]
-    units.begin_unit(layout.output, [unit.split], unit_index)
-    started = time.perf_counter()
-    outcomes: Counter[str] = Counter()
-    licenses: Counter[str] = Counter()
-    failures: list[dict[str, Any]] = []
-    batch_seconds: list[float] = []
-    with tempfile.TemporaryDirectory(prefix=f"commoncanvas-caption-{unit_index:06d}-") as tmp:
-        captioner = load_captioner(spec, Path(tmp).parent / "commoncanvas-models")
-        dataset = _streaming_view(unit, Path(tmp) / "input")
-        columns = {**unit.columns, **CAPTION_COLUMNS}
-        local_out = units.staging_dir(layout.output, unit.split, unit_index, Path(tmp) / "output")
-        with MDSWriter(out=str(local_out), columns=columns, size_limit="256mb") as writer:
-            for batch in iter_batches(spec, dataset, captioner.processor.image_processor):
-                batch_started = time.perf_counter()
-                captions = iter(captioner.caption(batch["pixels"]) if batch["pixels"] is not None else [])
-                for item in batch["items"]:
-                    sample = item["sample"]
-                    problem = item["error"]
-                    caption = "" if problem else clean_caption(next(captions), spec.prompt)
-                    problem = problem or caption_problem(caption)
-                    outcome = problem.split(":", 1)[0] if problem else "ok"
-                    outcomes[outcome] += 1
-                    metrics.SAMPLES.labels(STAGE, unit.split, outcome).inc()
-                    if problem:
-                        failures.append(
-                            {"photo_id": int(sample["photo_id"]), "reason": outcome, "detail": problem}
-                        )
-                        continue
-                    row = {name: sample[name] for name in unit.columns}
-                    row.update(
-                        caption=caption,
-                        caption_model=captioner.model_id,
-                        caption_model_revision=captioner.revision,
-                        caption_prompt=spec.prompt,
-                    )
-                    writer.write(row)
-                    licenses[str(sample.get("license_code", ""))] += 1
-                elapsed = time.perf_counter() - batch_started
-                batch_seconds.append(elapsed)
-                metrics.BATCH_SECONDS.labels(STAGE).observe(elapsed)
-                if torch.cuda.is_available():
-                    metrics.GPU_MEMORY_BYTES.labels(STAGE).set(torch.cuda.max_memory_allocated())
-        if outcomes["ok"]:
-            units.publish_unit(layout.output, unit.split, unit_index, local_out)
-    seconds = time.perf_counter() - started
-    stats = {
-        "unit": unit_index,
-        "split": unit.split,
-        "input": len(dataset),
-        "written": outcomes["ok"],
-        "outcomes": dict(sorted(outcomes.items())),
-        "licenses": dict(sorted(licenses.items())),
-        "seconds": round(seconds, 3),
-        "oom_backoffs": captioner.oom_backoffs,
-        "final_micro_batch": captioner.micro_batch,
-        "model": captioner.model_id,
-        "failures": failures,
-    }
-    assert sum(outcomes.values()) == len(dataset), "every input sample must have an outcome"
-    units.finish_unit(layout.output, unit_index, stats)
-    metrics.unit_finished(STAGE, outcomes["ok"], seconds)
-    log.info(
-        "caption unit %d (%s): %d/%d captioned in %.1fs",
-        unit_index,
-        unit.split,
-        outcomes["ok"],
-        len(dataset),
-        seconds,
+    unit = read_caption_units(ensure_caption_plan(spec, layout, resolve_ref))[unit_index]
+    with unit_work(STAGE, layout.output, unit) as work:
+        captioner = load_captioner(spec, Path(tempfile.gettempdir()) / "commoncanvas-models")
+        work.open_writer({**unit.columns, **CAPTION_COLUMNS})
+        to_pixels = partial(
+            caption_pixels, image_processor=captioner.processor.image_processor, size=spec.image_size
+        )
+        on_cuda = torch.cuda.is_available()
+        for batch in work.batches(to_pixels, spec.batch_size, spec.loader_workers, pin_memory=on_cuda):
+            captions = iter(captioner.caption(batch["pixels"]) if batch["pixels"] is not None else [])
+            for item in batch["items"]:
+                sample, problem = item["row"], item["error"]
+                caption = "" if problem else clean_caption(next(captions), spec.prompt)
+                problem = problem or caption_problem(caption)
+                work.record(sample, problem)
+                if problem:
+                    continue
+                row = {name: sample[name] for name in unit.columns}
+                row.update(
+                    caption=caption,
+                    caption_model=captioner.model_id,
+                    caption_model_revision=captioner.revision,
+                    caption_prompt=spec.prompt,
+                )
+                work.write(row)
+            if on_cuda:
+                metrics.GPU_MEMORY_BYTES.labels(STAGE).set(torch.cuda.max_memory_allocated())
+    return work.finish(
+        "captioned",
+        oom_backoffs=captioner.oom_backoffs,
+        final_micro_batch=captioner.micro_batch,
+        model=captioner.model_id,
     )
-    return stats

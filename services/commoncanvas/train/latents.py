@@ -1,6 +1,7 @@
 """The latents phase: the paper's "precomputed VAE and text latents" speed-up, as a sharded resumable job.
 
-Units are groups of input shards of the captioned dataset, exactly like captioning: unit `i` writes
+Units are groups of input shards of the captioned dataset, planned like captioning's (`shardplan`) and
+run by the same loop (`unitloop`) with the encoders as the model step: unit `i` writes
 `{output}/latents/{split}/unit-NNNNNN/` and then its marker; `finalize` merges each split's index.
 Every sample keeps its license and attribution columns, so the data card can be built from latents too.
 
@@ -19,27 +20,24 @@ the one encoding: this phase and training's on-the-fly path both call it, so bot
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import tempfile
-import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from commoncanvas import metrics, units
-from commoncanvas.caption.unitplan import InputMissing
-from commoncanvas.mds import shards_dataset
+from commoncanvas import shardplan, units
+from commoncanvas.shardplan import ShardGroupUnit, ShardInput, Upstream
 from commoncanvas.specs.train import TrainRunSpec
-from commoncanvas.storage import Storage, open_storage
+from commoncanvas.storage import Storage
+from commoncanvas.unitloop import unit_work
 from commoncanvas.units import StageLayout
 
 log = logging.getLogger(__name__)
@@ -203,15 +201,6 @@ def tiny_sd2_dir() -> str:
 # --- units -----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LatentUnit:
-    unit: int
-    split: str
-    split_root: str
-    shards: list[dict[str, Any]]
-    columns: dict[str, str]
-
-
 def layout_of(spec: TrainRunSpec) -> StageLayout:
     return StageLayout.at(latents_uri(spec))
 
@@ -221,111 +210,44 @@ def latents_uri(spec: TrainRunSpec) -> str:
     return f"{spec.output.uri.rstrip('/')}/{LATENTS_DIR}"
 
 
-def input_roots(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None) -> list[tuple[str, str]]:
-    """(captioned root URI, where it came from) per input, resolving a CaptionJob reference."""
-    ref = spec.dataset.caption_job_ref
-    if ref:
-        if resolve_ref is None:
-            raise InputMissing(f"dataset.captionJobRef {ref!r} cannot be resolved here; give dataset.uris")
-        return [(resolve_ref(ref), f"CaptionJob {ref!r}")]
-    return [(uri, "dataset.uris") for uri in spec.dataset.uris]
-
-
 def splits_of(spec: TrainRunSpec) -> list[str]:
     return list(dict.fromkeys(stream.split for stream in spec.dataset.mix))
 
 
-def plan_latent_units(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None) -> list[LatentUnit]:
-    planned: list[LatentUnit] = []
-    for root, origin in input_roots(spec, resolve_ref):
-        for split in splits_of(spec):
-            split_root = f"{root.rstrip('/')}/{split}"
-            storage = open_storage(split_root)
-            if not storage.exists("index.json"):
-                raise InputMissing(
-                    f"{split_root}/index.json does not exist: the captions from {origin} are missing or not "
-                    "finished (a CaptionJob writes it once all its units are done)"
-                )
-            # A shard with no samples (MDSWriter can leave one) would make an empty, unreadable unit.
-            shards = [s for s in json.loads(storage.read_text("index.json"))["shards"] if s["samples"]]
-            for start in range(0, len(shards), SHARDS_PER_UNIT):
-                group = shards[start : start + SHARDS_PER_UNIT]
-                columns = dict(zip(group[0]["column_names"], group[0]["column_encodings"], strict=True))
-                if "caption" not in columns or "image" not in columns:
-                    raise InputMissing(f"{split_root} is not a captioned dataset: it has no caption/image")
-                planned.append(LatentUnit(len(planned), split, split_root, group, columns))
-    return planned
+# A unit encodes each image with its caption: an input without either is no captioned dataset.
+CAPTIONED = Upstream(
+    "CaptionJob", "captioned dataset", "dataset.captionJobRef", "dataset.uris", ("caption", "image")
+)
 
 
-def plan_hash(spec: TrainRunSpec, roots: list[tuple[str, str]]) -> str:
-    # Latents from another resolution or other encoders must never be mixed into the same output.
-    relevant = {
-        "roots": [root for root, _ in roots],
-        "splits": splits_of(spec),
-        "per_unit": SHARDS_PER_UNIT,
-        "resolution": spec.resolution,
-        "model": spec.model.model_dump(include={"architecture", "vae", "text_encoder", "revision"}),
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+def latents_input(spec: TrainRunSpec) -> ShardInput:
+    source = spec.dataset
+    return ShardInput(CAPTIONED, source.caption_job_ref, source.uris, splits_of(spec), SHARDS_PER_UNIT)
 
 
 def ensure_plan(spec: TrainRunSpec, layout: StageLayout, resolve_ref: Callable[[str], str] | None) -> Storage:
-    """Plan once and keep it under `_plan/`: reruns see the same units even if the input grows."""
-    plan = layout.plan
-    digest = plan_hash(spec, input_roots(spec, resolve_ref))
-    if plan.exists("units.json"):
-        if json.loads(plan.read_text("units.json"))["hash"] != digest:
-            raise ValueError(
-                f"{plan.uri} was planned from other inputs, resolution or encoders; use a new output.uri"
-            )
-        return plan
-    planned = plan_latent_units(spec, resolve_ref)
-    plan.write_text("units.json", json.dumps({"hash": digest, "units": [asdict(u) for u in planned]}))
-    return plan
+    # Latents from another resolution or other encoders must never be mixed into the same output.
+    settings = {
+        "resolution": spec.resolution,
+        "model": spec.model.model_dump(include={"architecture", "vae", "text_encoder", "revision"}),
+    }
+    return shardplan.ensure_plan(
+        layout, latents_input(spec), resolve_ref, settings, planned_from="inputs, resolution or encoders"
+    )
 
 
-def read_units(plan: Storage) -> list[LatentUnit]:
-    return [LatentUnit(**unit) for unit in json.loads(plan.read_text("units.json"))["units"]]
+read_units = shardplan.read_units
 
 
 # --- one unit --------------------------------------------------------------------------------------
 
 
-def output_columns(unit: LatentUnit, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]) -> dict:
+def output_columns(unit: ShardGroupUnit, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]) -> dict:
     def ndarray(shape: tuple[int, ...]) -> str:
         return f"ndarray:float16:{','.join(str(n) for n in shape)}"
 
     carried = {name: enc for name, enc in unit.columns.items() if name not in SKIPPED_INPUT_COLUMNS}
     return {"latents": ndarray(latent_shape), "text_hidden": ndarray(text_shape), **carried}
-
-
-class UnitInputs(Dataset[dict[str, Any]]):
-    """Map-style view of a unit's shards: a DataLoader keeps the order and decodes/resizes in workers."""
-
-    def __init__(self, dataset: Any, resolution: int) -> None:
-        self.dataset = dataset
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.dataset[index]
-        row = {name: value for name, value in sample.items() if name not in SKIPPED_INPUT_COLUMNS}
-        try:
-            pixels = load_pixels(sample["image"], self.resolution)
-        except Exception as exc:  # any decoder error means the same thing: this image is unusable
-            return {"row": row, "pixels": None, "error": f"corrupt-image: {type(exc).__name__}: {exc}"}
-        return {"row": row, "pixels": pixels, "error": ""}
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    good = [item for item in items if item["pixels"] is not None]
-    return {"items": items, "pixels": torch.stack([item["pixels"] for item in good]) if good else None}
-
-
-def _streaming_view(unit: LatentUnit, local: Path) -> Any:
-    return shards_dataset(unit.split_root, unit.shards, local)
 
 
 def run_unit(
@@ -336,78 +258,25 @@ def run_unit(
     loader_workers: int = 1,
 ) -> dict[str, Any]:
     """Encode unit `unit_index`, or return its marker if it already finished."""
-    from streaming import MDSWriter
-
     layout = layout_of(spec)
     if units.is_done(layout.output, unit_index):
         return units.read_marker(layout.output, unit_index)
     unit = read_units(ensure_plan(spec, layout, resolve_ref))[unit_index]
-    units.begin_unit(layout.output, [unit.split], unit_index)
-    started = time.perf_counter()
-    outcomes: Counter[str] = Counter()
-    licenses: Counter[str] = Counter()
-    failures: list[dict[str, Any]] = []
-    encoders = load_encoders(spec)
-    batch = batch_size or spec.schedule.micro_batch_size
-    with tempfile.TemporaryDirectory(prefix=f"commoncanvas-latents-{unit_index:06d}-") as tmp:
-        dataset = _streaming_view(unit, Path(tmp) / "input")
-        loader = DataLoader(
-            UnitInputs(dataset, spec.resolution),
-            batch_size=batch,
-            shuffle=False,
-            num_workers=loader_workers,
-            collate_fn=collate,
-            prefetch_factor=2 if loader_workers else None,
-        )
-        local_out = units.staging_dir(layout.output, unit.split, unit_index, Path(tmp) / "output")
-        writer: Any = None
-        for inputs in loader:
-            batch_started = time.perf_counter()
+    with unit_work(STAGE, layout.output, unit) as work:
+        encoders = load_encoders(spec)
+        to_pixels = partial(load_pixels, resolution=spec.resolution)
+        batch = batch_size or spec.schedule.micro_batch_size
+        for inputs in work.batches(to_pixels, batch, loader_workers, dropped=SKIPPED_INPUT_COLUMNS):
             good = [item for item in inputs["items"] if item["pixels"] is not None]
             if good:
                 latents, hidden = encoders.encode(inputs["pixels"], [item["row"]["caption"] for item in good])
-                if writer is None:  # the shapes come from the encoders, so open the writer on the first batch
-                    columns = output_columns(unit, latents.shape[1:], hidden.shape[1:])
-                    writer = MDSWriter(out=str(local_out), columns=columns, size_limit="256mb")
+                if work.writer is None:  # the columns' shapes come from the encoders' first output
+                    work.open_writer(output_columns(unit, latents.shape[1:], hidden.shape[1:]))
                 for item, latent, text in zip(good, latents, hidden, strict=True):
-                    writer.write({**item["row"], "latents": latent, "text_hidden": text})
-                    licenses[str(item["row"].get("license_code", ""))] += 1
+                    work.write({**item["row"], "latents": latent, "text_hidden": text})
             for item in inputs["items"]:
-                outcome = item["error"].split(":", 1)[0] if item["error"] else "ok"
-                outcomes[outcome] += 1
-                metrics.SAMPLES.labels(STAGE, unit.split, outcome).inc()
-                if item["error"]:
-                    failures.append(
-                        {"photo_id": int(item["row"]["photo_id"]), "reason": outcome, "detail": item["error"]}
-                    )
-            metrics.BATCH_SECONDS.labels(STAGE).observe(time.perf_counter() - batch_started)
-        if writer is not None:
-            writer.finish()
-            units.publish_unit(layout.output, unit.split, unit_index, local_out)
-    seconds = time.perf_counter() - started
-    assert sum(outcomes.values()) == len(dataset), "every input sample must have an outcome"
-    stats = {
-        "unit": unit_index,
-        "split": unit.split,
-        "input": len(dataset),
-        "written": outcomes["ok"],
-        "outcomes": dict(sorted(outcomes.items())),
-        "licenses": dict(sorted(licenses.items())),
-        "seconds": round(seconds, 3),
-        "resolution": spec.resolution,
-        "failures": failures,
-    }
-    units.finish_unit(layout.output, unit_index, stats)
-    metrics.unit_finished(STAGE, outcomes["ok"], seconds)
-    log.info(
-        "latents unit %d (%s): %d/%d encoded in %.1fs",
-        unit_index,
-        unit.split,
-        outcomes["ok"],
-        len(dataset),
-        seconds,
-    )
-    return stats
+                work.record(item["row"], item["error"])
+    return work.finish("encoded", resolution=spec.resolution)
 
 
 def finalize(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None = None) -> dict[str, Any]:
