@@ -1,10 +1,12 @@
 """Pure builders: a custom resource's spec -> the Kubernetes objects that run it (plain dicts).
 
-A sharded stage (ScrapeJob, CaptionJob) runs as three Jobs over one job file:
-``{name}-plan`` (one pod: plan the units, report their count), ``{name}-units`` (an Indexed Job, pod
-``i`` runs unit ``i``) and ``{name}-finalize`` (one pod: merge indexes, write summary.json). The job
-file is the resource itself with its upstream reference replaced by the upstream's output URI, kept
-in the ConfigMap ``{name}-job`` and mounted in every pod, so pods run what ``commoncanvas run`` runs.
+Sharded work (``ShardedWork``) runs as three Jobs over one job file: plan (one pod: plan the units,
+report their count), units (an Indexed Job, pod ``i`` runs unit ``i``) and finalize (one pod: merge
+indexes, write summary.json). A ScrapeJob or CaptionJob is sharded work (``{name}-plan``,
+``{name}-units``, ``{name}-finalize``); a TrainRun runs its optional latents phase as sharded work
+(``{name}-latents-plan``...), then a headless Service and an Indexed Job for torchrun. The job file is
+the resource itself with its upstream reference replaced by the upstream's output URI, kept in the
+ConfigMap ``{name}-job`` and mounted in every pod, so pods run what ``commoncanvas run`` runs.
 
 Every pod gets the securityContexts of the operator's settings (the chart's ``workers.podSecurityContext``
 and ``workers.securityContext``: by default non-root, no privilege escalation, no capabilities, seccomp
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from commoncanvas_operator.settings import NodePool, Settings
+from commoncanvas_operator.settings import Settings
 
 Obj = dict[str, Any]
 
@@ -237,33 +239,114 @@ def _harden(pod_spec: Obj, container: Obj, settings: Settings) -> None:
     pod_spec["volumes"].append({"name": SCRATCH_VOLUME, "emptyDir": {}})
 
 
-def _pool_for(kind: str, step: str, spec: Obj, settings: Settings) -> NodePool:
-    if step != "units":
-        return settings.pool(settings.control_pool)
-    if kind == "CaptionJob":
-        return settings.pool(spec.get("nodePool") or "a100")
-    return settings.pool(settings.scrape_pool)
+# kopf keeps its own state in annotations under our prefix (handlers.configure); they change after
+# the Job exists, and a Job's pod template cannot change, so they never reach the pods.
+KOPF_ANNOTATIONS = (f"{GROUP}/last-handled-configuration", f"{GROUP}/kopf")
 
 
-def _gpus(kind: str, step: str, spec: Obj) -> int:
-    if kind == "CaptionJob" and step == "units":
-        return int(spec.get("gpusPerPod", 1))
-    return 0
+def pod_annotations(body: Obj) -> dict[str, str]:
+    """The resource's ``commoncanvas.dev/`` annotations for its pods, less kopf's bookkeeping."""
+    return {
+        key: value
+        for key, value in (body["metadata"].get("annotations") or {}).items()
+        if key.startswith(POD_ANNOTATION_PREFIX) and not key.startswith(KOPF_ANNOTATIONS)
+    }
 
 
-def stage_pod_template(body: Obj, step: str, settings: Settings) -> Obj:
-    """The pod every Job of a stage runs: the worker CLI on the mounted job file."""
+@dataclass(frozen=True)
+class ShardedWork:
+    """One sharded piece of work over its owner's job file, run as three Jobs: ``plan`` (one pod on the
+    control pool: plan the units, report their count), ``units`` (an Indexed Job, pod ``i`` runs unit
+    ``i``) and ``finalize`` (one pod on the control pool). A ScrapeJob or CaptionJob is one (Jobs
+    ``{name}-plan``...); a TrainRun with ``optimizations.precomputeLatents`` runs one before training
+    (its latents phase: Jobs ``{name}-latents-plan``...)."""
+
+    kind: str  # the owner: its kind and name label the Jobs, its job file is ``{name}-job``
+    name: str
+    command: str  # the worker CLI group: `commoncanvas {command} prepare|unit|finalize JOB_FILE`
+    step_prefix: str  # "" or "latents-": the Jobs are ``{name}-{step_prefix}{step}``
+    pool: str  # the units pods' node pool
+    gpus: int  # per units pod
+    parallelism: int  # units pods at once (never more than units)
+    output_uri: str  # the root its plan, unit markers and summary.json are under
+    # Steps whose CLI command imports the ML stack (torch): their pods get the GPU image, which has it
+    # (the CPU image leaves it out, images/worker.Dockerfile), with or without a GPU.
+    ml_steps: frozenset[str] = frozenset()
+    suspend: bool | None = None  # the units Job's ``suspend`` (None: the owner has no such field)
+    annotations: dict[str, str] = field(default_factory=dict)  # for the units pods
+
+    def step_name(self, step: str) -> str:
+        return f"{self.step_prefix}{step}"
+
+    def job_name(self, step: str) -> str:
+        return child_name(self.name, self.step_name(step))
+
+
+def stage_work(body: Obj, settings: Settings, output_uri: str | None = None) -> ShardedWork:
+    """A ScrapeJob or CaptionJob as sharded work (``output_uri``: the one its running Jobs write to,
+    if it differs from the spec's)."""
     kind, name, spec = body["kind"], body["metadata"]["name"], body["spec"]
-    stage = STAGES[kind]
-    pool = _pool_for(kind, step, spec, settings)
-    gpus = _gpus(kind, step, spec)
+    caption = kind == "CaptionJob"
+    return ShardedWork(
+        kind=kind,
+        name=name,
+        command=STAGES[kind].command,
+        step_prefix="",
+        pool=(spec.get("nodePool") or "a100") if caption else settings.scrape_pool,
+        gpus=int(spec.get("gpusPerPod", 1)) if caption else 0,
+        parallelism=int(spec.get("parallelism", 1)),
+        output_uri=output_uri or (spec.get("output") or {}).get("uri", ""),
+        ml_steps=frozenset({"units"}) if caption else frozenset(),
+        annotations=pod_annotations(body),
+    )
+
+
+# commoncanvas.train.latents.LATENTS_DIR: the latents phase writes under {spec.output.uri}/latents
+# (latents.latents_uri). Mirrored, not imported: that module imports torch, which the operator's image
+# leaves out; tests/unit/test_operator_latents.py keeps the two equal.
+LATENTS_DIR = "latents"
+LATENTS_PREFIX = "latents-"
+
+
+def latents_work(body: Obj, output_uri: str | None = None) -> ShardedWork:
+    """A TrainRun's latents phase as sharded work: one unit per pod, each with one GPU (none when the
+    run trains on CPUs), as many at once as the run's nodes have GPUs, on the run's node pool."""
+    from commoncanvas.specs.train import TrainRunSpec
+
+    spec = TrainRunSpec.model_validate(dict(body["spec"]))
+    dist = spec.distributed
+    root = output_uri or spec.output.uri
+    return ShardedWork(
+        kind="TrainRun",
+        name=body["metadata"]["name"],
+        command="latents",
+        step_prefix=LATENTS_PREFIX,
+        pool=dist.node_pool,
+        gpus=1 if dist.gpus_per_node > 0 else 0,
+        parallelism=dist.max_nodes * max(dist.gpus_per_node, 1),
+        output_uri=f"{root.rstrip('/')}/{LATENTS_DIR}",
+        ml_steps=frozenset(STEPS),
+        suspend=bool(spec.suspend),
+        annotations=pod_annotations(body),
+    )
+
+
+def precompute_latents(spec: Obj) -> bool:
+    return bool((spec.get("optimizations") or {}).get("precomputeLatents"))
+
+
+def sharded_pod_template(work: ShardedWork, step: str, settings: Settings) -> Obj:
+    """The pod every Job of sharded work runs: the worker CLI on the mounted job file."""
+    units = step == "units"
+    pool = settings.pool(work.pool if units else settings.control_pool)
+    gpus = work.gpus if units else 0
     action = {"plan": "prepare", "units": "unit", "finalize": "finalize"}[step]
-    args = [stage.command, action, JOB_FILE]
+    args = [work.command, action, JOB_FILE]
     if step == "plan":
         args += ["--termination-log", TERMINATION_LOG]
     container: Obj = {
         "name": "worker",
-        "image": settings.gpu_image if gpus else settings.cpu_image,
+        "image": settings.gpu_image if gpus or step in work.ml_steps else settings.cpu_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["commoncanvas"],
         "args": args,
@@ -292,7 +375,7 @@ def stage_pod_template(body: Obj, step: str, settings: Settings) -> Obj:
             {
                 "name": "job-file",
                 "configMap": {
-                    "name": child_name(name, "job"),
+                    "name": child_name(work.name, "job"),
                     "items": [{"key": JOB_FILE_KEY, "path": JOB_FILE_KEY}],
                 },
             }
@@ -305,67 +388,62 @@ def stage_pod_template(body: Obj, step: str, settings: Settings) -> Obj:
         pod_spec["tolerations"] = [dict(t) for t in pool.tolerations]
     if settings.worker_service_account:
         pod_spec["serviceAccountName"] = settings.worker_service_account
-    metadata: Obj = {"labels": labels(kind, name, step)}
-    annotations = pod_annotations(body)
-    if annotations and step == "units":
-        metadata["annotations"] = annotations
+    metadata: Obj = {"labels": labels(work.kind, work.name, work.step_name(step))}
+    if work.annotations and units:
+        metadata["annotations"] = dict(work.annotations)
     return {"metadata": metadata, "spec": pod_spec}
 
 
-def build_stage_job(body: Obj, step: str, settings: Settings, units: int = 1) -> Obj:
-    """Job ``{name}-{step}``; for ``units`` an Indexed Job with one completion per unit."""
+def build_sharded_job(work: ShardedWork, step: str, settings: Settings, units: int = 1) -> Obj:
+    """Job ``work.job_name(step)``; for ``units`` an Indexed Job with one completion per unit."""
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; one of {STEPS}")
-    kind, name = body["kind"], body["metadata"]["name"]
-    job_spec: Obj = {"template": stage_pod_template(body, step, settings)}
+    job_spec: Obj = {"template": sharded_pod_template(work, step, settings)}
+    # A lost node or a preemption is not the pod's fault: retry it without counting.
+    ignore_disruptions = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
     if step == "units":
         if units < 1:
-            raise ValueError(f"{kind} {name}: an Indexed Job needs at least one unit, got {units}")
+            raise ValueError(f"{work.kind} {work.name}: an Indexed Job needs at least one unit, got {units}")
         job_spec.update(
             {
                 "completionMode": "Indexed",
                 "completions": units,
-                "parallelism": max(1, min(int(body["spec"].get("parallelism", 1)), units)),
+                "parallelism": max(1, min(work.parallelism, units)),
                 "backoffLimitPerIndex": settings.backoff_limit_per_index,
-                # A lost node or a preemption is not the unit's fault: retry it without counting.
-                "podFailurePolicy": {
-                    "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
-                },
+                "podFailurePolicy": ignore_disruptions,
             }
         )
+        if work.suspend is not None:
+            job_spec["suspend"] = work.suspend
     else:
         job_spec.update(
             {
                 "completions": 1,
                 "parallelism": 1,
                 "backoffLimit": settings.backoff_limit_per_index,
-                "podFailurePolicy": {
-                    "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
-                },
+                "podFailurePolicy": ignore_disruptions,
             }
         )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": child_name(name, step), "labels": labels(kind, name, step)},
+        "metadata": {
+            "name": work.job_name(step),
+            "labels": labels(work.kind, work.name, work.step_name(step)),
+        },
         "spec": job_spec,
     }
 
 
-# --- TrainRun: a headless Service for the c10d rendezvous and an Indexed Job, one pod per node -----
+def build_stage_job(body: Obj, step: str, settings: Settings, units: int = 1) -> Obj:
+    """Job ``{name}-{step}`` of a ScrapeJob or CaptionJob."""
+    return build_sharded_job(stage_work(body, settings), step, settings, units)
+
+
+# --- TrainRun: (its latents phase, above) a headless Service for the c10d rendezvous and an Indexed
+# Job, one pod per node ---------------------------------------------------------------------------
 
 RDZV_PORT = 29500
-TRAIN_STEPS = ("job", "rdzv", "train")
-
-
-def train_unsupported(spec: Obj) -> str:
-    """Why the operator cannot run this TrainRun spec (empty: it can)."""
-    if (spec.get("optimizations") or {}).get("precomputeLatents"):
-        return (
-            "spec.optimizations.precomputeLatents is not supported by the operator yet (the latents "
-            "phase runs only with `commoncanvas run`); set it to false to train on the cluster"
-        )
-    return ""
 
 
 def train_selector(name: str) -> dict[str, str]:
@@ -388,20 +466,6 @@ def build_rdzv_service(name: str) -> Obj:
     }
 
 
-# kopf keeps its own state in annotations under our prefix (handlers.configure); they change after
-# the Job exists, and a Job's pod template cannot change, so they never reach the pods.
-KOPF_ANNOTATIONS = (f"{GROUP}/last-handled-configuration", f"{GROUP}/kopf")
-
-
-def pod_annotations(body: Obj) -> dict[str, str]:
-    """The resource's ``commoncanvas.dev/`` annotations for its pods, less kopf's bookkeeping."""
-    return {
-        key: value
-        for key, value in (body["metadata"].get("annotations") or {}).items()
-        if key.startswith(POD_ANNOTATION_PREFIX) and not key.startswith(KOPF_ANNOTATIONS)
-    }
-
-
 def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = None) -> Obj:
     """Indexed Job ``{name}-train`` for a TrainRun (its CaptionJob's output URI given when it names
     one): pod ``i`` is node ``i``, running what ``commoncanvas.train.launch.replica_launch`` says a
@@ -414,7 +478,8 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
     dist = run.spec.distributed
     pool = settings.pool(dist.node_pool)
     gpus = dist.gpus_per_node
-    image = settings.gpu_image if gpus else settings.cpu_image
+    # Training imports torch: the GPU image, which has it, with or without GPUs (the CPU image has not).
+    image = settings.gpu_image
     app = build_appdef(
         run,
         JOB_FILE,

@@ -2,7 +2,9 @@
 
 A stage's life, every ``reconcileSeconds`` (a kopf timer, so an operator restarted at any moment picks
 up where the cluster is): observe (upstream, children, plan pod, store) -> ``next_steps`` -> apply those
-children with server-side apply -> ``reduce_stage`` -> status patch and Events on transitions.
+children with server-side apply -> ``reduce_stage`` -> status patch and Events on transitions. A
+TrainRun's is the same with ``train_steps`` and ``reduce_train``; its latents phase is observed
+(``observe_sharded``) and built (``sharded_job``) as a stage's Jobs are.
 """
 
 from __future__ import annotations
@@ -89,11 +91,10 @@ async def read_upstream(kind: str, spec: Obj, namespace: str) -> reducers.Upstre
     )
 
 
-async def plan_pod_message(namespace: str, name: str) -> str:
-    """The termination message of the plan Job's last finished pod (the unit count, or why it failed)."""
+async def plan_pod_message(namespace: str, job_name: str) -> str:
+    """The termination message of a plan Job's last finished pod (the unit count, or why it failed)."""
     pods = await kube().list(
-        collection_path("v1", "Pod", namespace),
-        f"batch.kubernetes.io/job-name={builders.child_name(name, 'plan')}",
+        collection_path("v1", "Pod", namespace), f"batch.kubernetes.io/job-name={job_name}"
     )
     finished = [p for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
     finished.sort(key=lambda p: (p["status"].get("phase") == "Succeeded", p["metadata"]["creationTimestamp"]))
@@ -105,113 +106,135 @@ async def plan_pod_message(namespace: str, name: str) -> str:
     return ""
 
 
-async def observe_stage(body: Obj) -> tuple[reducers.Observed, str]:
-    kind, meta, spec = body["kind"], body["metadata"], body["spec"]
-    namespace, name = meta["namespace"], meta["name"]
+async def observe_sharded(work: builders.ShardedWork, namespace: str) -> reducers.ShardedView:
+    """Sharded work's three Jobs, its plan's unit count and its unit markers."""
     client = kube()
-    wanted_uri = spec["output"]["uri"]
-    job_file = await client.get(
-        f"{collection_path('v1', 'ConfigMap', namespace)}/{builders.child_name(name, 'job')}"
-    )
-    applied_uri = builders.applied_output_uri(job_file)
-    output_uri = applied_uri or wanted_uri
-    invalid = ""
-    try:
-        builders.stage_pod_template(body, "units", SETTINGS)
-    except KeyError as error:
-        invalid = f"spec.nodePool: {error.args[0]}"
     jobs_path = collection_path("batch/v1", "Job", namespace)
     views = {
-        step: reducers.JobView.of(await client.get(f"{jobs_path}/{builders.child_name(name, step)}"))
+        step: reducers.JobView.of(await client.get(f"{jobs_path}/{work.job_name(step)}"))
         for step in builders.STEPS
     }
     plan_units: int | None = None
     plan_message = ""
     plan = views["plan"]
     if plan is not None and (plan.complete or plan.failed):
-        plan_message = await plan_pod_message(namespace, name)
+        plan_message = await plan_pod_message(namespace, work.job_name("plan"))
         plan_units = reducers.parse_unit_count(plan_message) if plan.complete else None
         if plan.complete and plan_units is None:
             # A kubelet that does not keep the termination message: the plan itself is in the store.
-            plan_units = await asyncio.to_thread(store.planned_units, kind, output_uri)
+            plan_units = await asyncio.to_thread(store.planned_units, work.kind, work.output_uri)
     units = views["units"]
     markers = None
     if units is not None and not units.complete:
-        markers = await asyncio.to_thread(store.marker_count, output_uri)
-    final = views["finalize"]
-    summary = await asyncio.to_thread(store.read_summary, output_uri) if final and final.complete else None
-    observed = reducers.Observed(
-        generation=int(meta.get("generation") or 0),
-        now=now(),
-        previous=dict(body.get("status") or {}),
-        upstream=await read_upstream(kind, spec, namespace),
-        invalid=invalid,
-        refused_change=builders.refused_change(job_file, spec),
+        markers = await asyncio.to_thread(store.marker_count, work.output_uri)
+    return reducers.ShardedView(
         plan=plan,
         plan_units=plan_units,
         plan_message=plan_message,
         units=units,
-        finalize=final,
+        finalize=views["finalize"],
         markers=markers,
-        summary=summary,
     )
-    return observed, output_uri
 
 
-async def apply_steps(owner: kopf.Body, body: Obj, observed: reducers.Observed) -> None:
-    steps = reducers.next_steps(observed)
-    upstream_uri = observed.upstream.output_uri if observed.upstream else None
-    children: list[Obj] = []
-    for step in steps:
-        if step == "job":
-            resource = builders.resolve_resource(body, upstream_uri)
-            children.append(builders.build_job_file(resource, body["spec"]))
-        else:
-            units = observed.plan_units or 1
-            children.append(builders.build_stage_job(body, step, SETTINGS, units=units))
+def sharded_job(work: builders.ShardedWork, step: str, view: reducers.ShardedView) -> Obj:
+    return builders.build_sharded_job(work, step, SETTINGS, units=view.plan_units or 1)
+
+
+async def read_job_file(namespace: str, name: str) -> Obj | None:
+    return await kube().get(
+        f"{collection_path('v1', 'ConfigMap', namespace)}/{builders.child_name(name, 'job')}"
+    )
+
+
+async def apply_children(owner: kopf.Body, children: list[Obj]) -> None:
     kopf.adopt(children, owner=owner)
     for child in children:
         await kube().apply(child)
 
 
+async def observe_stage(body: Obj) -> tuple[reducers.Observed, builders.ShardedWork]:
+    meta, spec = body["metadata"], body["spec"]
+    namespace = meta["namespace"]
+    job_file = await read_job_file(namespace, meta["name"])
+    # The output the running Jobs write to, even where the spec names another (a refused change).
+    work = builders.stage_work(body, SETTINGS, builders.applied_output_uri(job_file))
+    invalid = ""
+    try:
+        SETTINGS.pool(work.pool)
+    except KeyError as error:
+        invalid = f"spec.nodePool: {error.args[0]}"
+    view = await observe_sharded(work, namespace)
+    summary = await asyncio.to_thread(store.read_summary, work.output_uri) if view.done else None
+    observed = reducers.Observed(
+        generation=int(meta.get("generation") or 0),
+        now=now(),
+        previous=dict(body.get("status") or {}),
+        upstream=await read_upstream(body["kind"], spec, namespace),
+        invalid=invalid,
+        refused_change=builders.refused_change(job_file, spec),
+        work=view,
+        summary=summary,
+    )
+    return observed, work
+
+
+async def apply_steps(
+    owner: kopf.Body, body: Obj, observed: reducers.Observed, work: builders.ShardedWork
+) -> None:
+    upstream_uri = observed.upstream.output_uri if observed.upstream else None
+    children = [
+        builders.build_job_file(builders.resolve_resource(body, upstream_uri), body["spec"])
+        if step == "job"
+        else sharded_job(work, step, observed.work)
+        for step in reducers.next_steps(observed)
+    ]
+    await apply_children(owner, children)
+
+
 async def reconcile_stage(body: kopf.Body, patch: kopf.Patch, logger: Logger) -> None:
     started = time.monotonic()
     raw: Obj = dict(body)
-    kind, meta = raw["kind"], raw["metadata"]
+    kind = raw["kind"]
     try:
-        observed, output_uri = await observe_stage(raw)
-        await apply_steps(body, raw, observed)
-        status = reducers.reduce_stage(kind, output_uri, observed)
+        observed, work = await observe_stage(raw)
+        await apply_steps(body, raw, observed, work)
+        status = reducers.reduce_stage(kind, work.output_uri, observed)
     except Exception:
         metrics.RECONCILES.labels(kind, "error").inc()
         raise
     finally:
         metrics.RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
     metrics.RECONCILES.labels(kind, "ok").inc()
-    for event_type, reason, message in reducers.transition_events(observed.previous, status):
+    report(body, patch, logger, observed.previous, status)
+
+
+def report(body: kopf.Body, patch: kopf.Patch, logger: Logger, previous: Obj, status: Obj) -> None:
+    """Events on transitions, the resource's metrics, and the status patch where it changed."""
+    kind, meta = body["kind"], body["metadata"]
+    for event_type, reason, message in reducers.transition_events(previous, status):
         kopf.event(body, type=event_type, reason=reason, message=message)
         logger.info("%s %s: %s", reason, meta["name"], message)
     metrics.record(kind, meta["namespace"], meta["name"], status, PHASES)
-    if {k: observed.previous.get(k) for k in status} != status:
+    if {k: previous.get(k) for k in status} != status:
         patch.status.update(status)
 
 
-async def observe_train(body: Obj) -> tuple[reducers.TrainObserved, str]:
+async def observe_train(body: Obj) -> tuple[reducers.TrainObserved, str, builders.ShardedWork | None]:
+    """What a TrainRun's status and next children follow from; its output URI and latents phase."""
     meta, spec = body["metadata"], body["spec"]
     namespace, name = meta["namespace"], meta["name"]
     client = kube()
-    wanted_uri = spec["output"]["uri"]
-    job_file = await client.get(
-        f"{collection_path('v1', 'ConfigMap', namespace)}/{builders.child_name(name, 'job')}"
-    )
-    applied_uri = builders.applied_output_uri(job_file)
-    output_uri = applied_uri or wanted_uri
-    invalid = builders.train_unsupported(spec)
+    job_file = await read_job_file(namespace, name)
+    output_uri = builders.applied_output_uri(job_file) or spec["output"]["uri"]
+    invalid = ""
     pool = (spec.get("distributed") or {}).get("nodePool") or "a100"
     try:
         SETTINGS.pool(pool)
     except KeyError as error:
-        invalid = invalid or f"spec.distributed.nodePool: {error.args[0]}"
+        invalid = f"spec.distributed.nodePool: {error.args[0]}"
+    latents_work = builders.latents_work(body, output_uri) if builders.precompute_latents(spec) else None
+    latents = await observe_sharded(latents_work, namespace) if latents_work else None
     train_name = builders.child_name(name, "train")
     job = await client.get(f"{collection_path('batch/v1', 'Job', namespace)}/{train_name}")
     pod_restarts = 0
@@ -233,31 +256,44 @@ async def observe_train(body: Obj) -> tuple[reducers.TrainObserved, str]:
         invalid=invalid,
         refused_change=builders.refused_change(job_file, spec),
         suspended=bool(spec.get("suspend")),
+        latents=latents,
         job=reducers.JobView.of(job),
         job_failed_pods=int(((job or {}).get("status") or {}).get("failed") or 0),
         pod_restarts=pod_restarts,
         train_status=train_status,
     )
-    return observed, output_uri
+    return observed, output_uri, latents_work
+
+
+def train_children(
+    body: Obj, observed: reducers.TrainObserved, latents_work: builders.ShardedWork | None
+) -> list[Obj]:
+    upstream_uri = observed.upstream.output_uri if observed.upstream else None
+    children: list[Obj] = []
+    for step in reducers.train_steps(observed):
+        if step == "job":
+            children.append(
+                builders.build_job_file(builders.resolve_resource(body, upstream_uri), body["spec"])
+            )
+        elif step.startswith(builders.LATENTS_PREFIX):
+            assert latents_work is not None and observed.latents is not None, step
+            children.append(
+                sharded_job(latents_work, step.removeprefix(builders.LATENTS_PREFIX), observed.latents)
+            )
+        elif step == "rdzv":
+            children.append(builders.build_rdzv_service(body["metadata"]["name"]))
+        else:
+            children.append(builders.build_train_job(body, SETTINGS, upstream_uri))
+    return children
 
 
 async def reconcile_train(body: kopf.Body, patch: kopf.Patch, logger: Logger) -> None:
     started = time.monotonic()
     raw: Obj = dict(body)
-    kind, meta = raw["kind"], raw["metadata"]
+    kind = raw["kind"]
     try:
-        observed, output_uri = await observe_train(raw)
-        steps = reducers.train_steps(observed)
-        if steps:
-            upstream_uri = observed.upstream.output_uri if observed.upstream else None
-            children = [
-                builders.build_job_file(builders.resolve_resource(raw, upstream_uri), raw["spec"]),
-                builders.build_rdzv_service(meta["name"]),
-                builders.build_train_job(raw, SETTINGS, upstream_uri),
-            ]
-            kopf.adopt(children, owner=body)
-            for child in children:
-                await kube().apply(child)
+        observed, output_uri, latents_work = await observe_train(raw)
+        await apply_children(body, train_children(raw, observed, latents_work))
         status = reducers.reduce_train(output_uri, observed)
     except Exception:
         metrics.RECONCILES.labels(kind, "error").inc()
@@ -265,12 +301,7 @@ async def reconcile_train(body: kopf.Body, patch: kopf.Patch, logger: Logger) ->
     finally:
         metrics.RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
     metrics.RECONCILES.labels(kind, "ok").inc()
-    for event_type, reason, message in reducers.transition_events(observed.previous, status):
-        kopf.event(body, type=event_type, reason=reason, message=message)
-        logger.info("%s %s: %s", reason, meta["name"], message)
-    metrics.record(kind, meta["namespace"], meta["name"], status, PHASES)
-    if {k: observed.previous.get(k) for k in status} != status:
-        patch.status.update(status)
+    report(body, patch, logger, observed.previous, status)
 
 
 def _register(plural: str) -> None:

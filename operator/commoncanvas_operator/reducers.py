@@ -1,8 +1,10 @@
 """Pure reducers: what the operator observed (children's status, unit markers, summary) -> CR status.
 
-``reduce_stage`` is the whole life of a sharded stage, read top to bottom: wait for the upstream,
-plan, run the units, finalize. ``next_steps`` says which children should exist now, and
-``transition_events`` which Kubernetes Events a status change deserves.
+``reduce_stage`` is the whole life of a sharded stage, read top to bottom: wait for the upstream, then
+its sharded work (``sharded_phase``: plan, run the units, finalize). ``reduce_train`` is a TrainRun's:
+wait for the upstream, its latents phase (the same sharded work) when it has one, then training.
+``next_steps`` and ``train_steps`` say which children should exist now, and ``transition_events``
+which Kubernetes Events a status change deserves.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from commoncanvas_operator.builders import LATENTS_PREFIX
 
 Obj = dict[str, Any]
 
@@ -69,6 +73,23 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class ShardedView:
+    """What was seen of sharded work (builders.ShardedWork): its plan, units and finalize Jobs, the
+    plan's unit count (``plan_units``, None: not known yet) and the unit markers in the store."""
+
+    plan: JobView | None = None
+    plan_units: int | None = None
+    plan_message: str = ""
+    units: JobView | None = None
+    finalize: JobView | None = None
+    markers: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finalize is not None and self.finalize.complete
+
+
+@dataclass(frozen=True)
 class Observed:
     generation: int
     now: str
@@ -77,12 +98,7 @@ class Observed:
     # A spec the operator cannot run (unknown pool), or a change it cannot apply (refused).
     invalid: str = ""
     refused_change: str = ""
-    plan: JobView | None = None
-    plan_units: int | None = None
-    plan_message: str = ""
-    units: JobView | None = None
-    finalize: JobView | None = None
-    markers: int | None = None
+    work: ShardedView = field(default_factory=ShardedView)
     summary: Obj | None = None
 
 
@@ -111,18 +127,24 @@ def upstream_ready(observed: Observed | TrainObserved) -> bool:
     return observed.upstream is None or observed.upstream.phase == "Succeeded"
 
 
+def sharded_steps(view: ShardedView) -> list[str]:
+    """The Jobs of sharded work that should exist now: plan; units once the plan says how many (none
+    for no units); finalize once they are all done."""
+    steps = ["plan"]
+    if view.plan is None or not view.plan.complete or view.plan_units is None:
+        return steps
+    if view.plan_units > 0:
+        steps.append("units")
+        if view.units is None or not view.units.complete:
+            return steps
+    return [*steps, "finalize"]
+
+
 def next_steps(observed: Observed) -> list[str]:
     """The children that should exist now (applying an existing one again is a no-op)."""
     if observed.invalid or observed.refused_change or not upstream_ready(observed):
         return []
-    steps = ["job", "plan"]
-    if observed.plan is None or not observed.plan.complete or observed.plan_units is None:
-        return steps
-    if observed.plan_units > 0:
-        steps.append("units")
-        if observed.units is None or not observed.units.complete:
-            return steps
-    return [*steps, "finalize"]
+    return ["job", *sharded_steps(observed.work)]
 
 
 def _condition(type_: str, status: bool, reason: str, message: str = "") -> Obj:
@@ -178,26 +200,29 @@ def _gate_on_upstream(upstream: Any, refused: list[Obj]) -> tuple[str | None, li
     return None, [*([_condition("UpstreamReady", True, "UpstreamSucceeded")] if upstream else []), *refused]
 
 
+def unit_counts(view: ShardedView, previous: Obj) -> Obj:
+    """``{total, succeeded, failed}`` units of sharded work, from its Jobs and markers (``previous``:
+    the counts last reported, for the total while the plan pod's message is not read again)."""
+    total = view.plan_units if view.plan_units is not None else (previous or {}).get("total", 0)
+    units = view.units
+    succeeded = count_indexes(units.completed_indexes) if units else 0
+    if view.markers is not None:
+        succeeded = max(succeeded, view.markers)
+    succeeded = min(succeeded, total) if total else succeeded
+    failed = count_indexes(units.failed_indexes) if units else 0
+    return {"total": total, "succeeded": succeeded, "failed": failed}
+
+
 def reduce_stage(kind: str, output_uri: str, observed: Observed) -> Obj:
     """The status of a ScrapeJob or CaptionJob from what was observed (see the module docstring)."""
     previous = observed.previous
-    phase, conditions = _phase_and_conditions(observed)
-    total = (
-        observed.plan_units
-        if observed.plan_units is not None
-        else (previous.get("units") or {}).get("total", 0)
-    )
-    units = observed.units
-    succeeded = count_indexes(units.completed_indexes) if units else 0
-    if observed.markers is not None:
-        succeeded = max(succeeded, observed.markers)
-    succeeded = min(succeeded, total) if total else succeeded
-    failed = count_indexes(units.failed_indexes) if units else 0
+    counts = unit_counts(observed.work, previous.get("units") or {})
+    phase, conditions = _phase_and_conditions(observed, counts)
     status: Obj = {
         "phase": phase,
         "conditions": merge_conditions(previous.get("conditions") or [], conditions, observed.now),
-        "units": {"total": total, "succeeded": succeeded, "failed": failed},
-        "progress": f"{succeeded}/{total}",
+        "units": counts,
+        "progress": f"{counts['succeeded']}/{counts['total']}",
         "observedGeneration": observed.generation,
     }
     start = previous.get("startTime") or ""
@@ -227,7 +252,7 @@ def _parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
-def _phase_and_conditions(observed: Observed) -> tuple[str, list[Obj]]:
+def _phase_and_conditions(observed: Observed, counts: Obj) -> tuple[str, list[Obj]]:
     previous_phase = observed.previous.get("phase") or "Pending"
     refused: list[Obj] = []
     if observed.refused_change:
@@ -244,41 +269,55 @@ def _phase_and_conditions(observed: Observed) -> tuple[str, list[Obj]]:
     blocked, conditions = _gate_on_upstream(observed.upstream, refused)
     if blocked is not None:
         return blocked, conditions
-    plan = observed.plan
+    phase, work = sharded_phase(observed.work, counts)
+    return phase, [*conditions, *work]
+
+
+def sharded_phase(view: ShardedView, counts: Obj, prefix: str = "") -> tuple[str, list[Obj]]:
+    """The phase of sharded work (Pending until its plan Job exists, Running, Succeeded or Failed) and
+    its conditions ``{prefix}Planned``, ``{prefix}UnitsComplete`` (``"3/8 units"`` while they run) and
+    ``{prefix}Finalized``, with ``Failed`` when it failed. A prefix also starts the failure reasons,
+    and its lower case the failure messages (``Latents`` -> ``latents phase: 2 of 8 units failed...``)."""
+    what = f"{prefix.lower()} phase: " if prefix else ""
+
+    def failed(reason: str, message: str, *before: Obj) -> tuple[str, list[Obj]]:
+        return "Failed", [*before, _condition("Failed", True, f"{prefix}{reason}", f"{what}{message}")]
+
+    conditions: list[Obj] = []
+    plan = view.plan
     if plan is None:
         return "Pending", conditions
     if plan.failed:
-        message = "planning failed" + (f": {observed.plan_message.strip()}" if observed.plan_message else "")
-        return "Failed", [*conditions, _condition("Failed", True, "PlanFailed", message)]
-    if not plan.complete or observed.plan_units is None:
+        return failed(
+            "PlanFailed", "planning failed" + (f": {view.plan_message.strip()}" if view.plan_message else "")
+        )
+    if not plan.complete or view.plan_units is None:
         reason = "Planning" if not plan.complete else "UnitCountUnknown"
-        return "Running", [*conditions, _condition("Planned", False, reason)]
-    conditions.append(_condition("Planned", True, "Planned", f"{observed.plan_units} units"))
-    units = observed.units
-    if observed.plan_units > 0:
+        return "Running", [_condition(f"{prefix}Planned", False, reason)]
+    conditions.append(_condition(f"{prefix}Planned", True, "Planned", f"{view.plan_units} units"))
+    units = view.units
+    if view.plan_units > 0:
         if units is None or (not units.complete and not units.failed):
-            return "Running", [*conditions, _condition("UnitsComplete", False, "Running")]
+            progress = f"{counts['succeeded']}/{counts['total']} units"
+            return "Running", [*conditions, _condition(f"{prefix}UnitsComplete", False, "Running", progress)]
         if units.failed:
-            failed = count_indexes(units.failed_indexes)
             message = (
-                f"{failed} of {observed.plan_units} units failed"
+                f"{count_indexes(units.failed_indexes)} of {view.plan_units} units failed"
                 + (f" (indexes {units.failed_indexes})" if units.failed_indexes else "")
                 + (f": {units.message}" if units.message else "")
             )
             reason = units.reason or "UnitsFailed"
-            return "Failed", [
-                *conditions,
-                _condition("UnitsComplete", False, reason, message),
-                _condition("Failed", True, reason, message),
-            ]
-    conditions.append(_condition("UnitsComplete", True, "Complete"))
-    final = observed.finalize
+            complete = _condition(f"{prefix}UnitsComplete", False, reason, f"{what}{message}")
+            return failed(reason, message, *conditions, complete)
+    conditions.append(_condition(f"{prefix}UnitsComplete", True, "Complete"))
+    final = view.finalize
     if final is None or (not final.complete and not final.failed):
-        return "Running", [*conditions, _condition("Finalized", False, "Finalizing")]
+        return "Running", [*conditions, _condition(f"{prefix}Finalized", False, "Finalizing")]
     if final.failed:
-        message = "finalize failed" + (f": {final.message}" if final.message else "")
-        return "Failed", [*conditions, _condition("Failed", True, "FinalizeFailed", message)]
-    return "Succeeded", [*conditions, _condition("Finalized", True, "Finalized")]
+        return failed(
+            "FinalizeFailed", "finalize failed" + (f": {final.message}" if final.message else ""), *conditions
+        )
+    return "Succeeded", [*conditions, _condition(f"{prefix}Finalized", True, "Finalized")]
 
 
 def transition_events(previous: Obj, current: Obj) -> list[tuple[str, str, str]]:
@@ -312,7 +351,8 @@ TRAIN_STATUS_FIELDS = ("step", "imagesSeen", "loss", "lastCheckpoint", "imagesPe
 
 @dataclass(frozen=True)
 class TrainObserved:
-    """What the operator saw of a TrainRun: its upstream, the train Job, pods and rank 0's status.json."""
+    """What the operator saw of a TrainRun: its upstream, its latents phase (None: it has none), the
+    train Job, pods and rank 0's status.json."""
 
     generation: int
     now: str
@@ -321,6 +361,7 @@ class TrainObserved:
     invalid: str = ""
     refused_change: str = ""
     suspended: bool = False
+    latents: ShardedView | None = None
     job: JobView | None = None
     job_failed_pods: int = 0
     pod_restarts: int = 0
@@ -328,18 +369,28 @@ class TrainObserved:
 
 
 def train_steps(observed: TrainObserved) -> list[str]:
-    """The TrainRun children that should exist now: job file, rendezvous Service, train Job."""
+    """The TrainRun children that should exist now: job file, the latents phase's Jobs
+    (``latents-plan``...) when it has one, and once that has finished the rendezvous Service and
+    the train Job."""
     if observed.invalid or observed.refused_change or not upstream_ready(observed):
         return []
     if (observed.previous.get("phase") or "") in TERMINAL and observed.job is None:
         return []
-    return ["job", "rdzv", "train"]
+    steps = ["job"]
+    latents = observed.latents
+    if latents is not None and observed.job is None:
+        steps += [f"{LATENTS_PREFIX}{step}" for step in sharded_steps(latents)]
+        if not latents.done:
+            return steps
+    return [*steps, "rdzv", "train"]
 
 
 def reduce_train(output_uri: str, observed: TrainObserved) -> Obj:
     """The status of a TrainRun from what was observed."""
     previous = observed.previous
-    phase, conditions = _train_phase_and_conditions(observed)
+    latents = observed.latents
+    counts = unit_counts(latents, previous.get("units") or {}) if latents is not None else None
+    phase, conditions = _train_phase_and_conditions(observed, counts)
     status: Obj = {
         "phase": phase,
         "conditions": merge_conditions(previous.get("conditions") or [], conditions, observed.now),
@@ -348,6 +399,11 @@ def reduce_train(output_uri: str, observed: TrainObserved) -> Obj:
     for key in TRAIN_STATUS_FIELDS:
         if key in previous:
             status[key] = previous[key]
+    if latents is not None and counts is not None:
+        # The latents phase's units; until it is done, they are the run's progress too.
+        status["units"] = counts
+        if not latents.done and observed.job is None:
+            status["progress"] = f"latents {counts['succeeded']}/{counts['total']}"
     written = observed.train_status or {}
     for key in TRAIN_STATUS_FIELDS:
         if key in written and written[key] not in (None, ""):
@@ -375,7 +431,7 @@ def reduce_train(output_uri: str, observed: TrainObserved) -> Obj:
     return status
 
 
-def _train_phase_and_conditions(observed: TrainObserved) -> tuple[str, list[Obj]]:
+def _train_phase_and_conditions(observed: TrainObserved, latents_counts: Obj | None) -> tuple[str, list[Obj]]:
     previous_phase = observed.previous.get("phase") or "Pending"
     refused: list[Obj] = []
     if observed.refused_change:
@@ -389,6 +445,13 @@ def _train_phase_and_conditions(observed: TrainObserved) -> tuple[str, list[Obj]
     if blocked is not None:
         return blocked, conditions
     job = observed.job
+    if observed.latents is not None and latents_counts is not None:
+        phase, latents = sharded_phase(observed.latents, latents_counts, "Latents")
+        conditions += latents
+        # Training starts once the latents phase has finished (train_steps); a train Job already
+        # there is not held back by latents Jobs gone since.
+        if phase != "Succeeded" and job is None:
+            return "Suspended" if observed.suspended and phase == "Running" else phase, conditions
     if job is None:
         return "Pending", conditions
     if job.failed:

@@ -1,4 +1,5 @@
-"""What the operator reads from a stage's output root: the plan's unit count, unit markers, summary.json.
+"""What the operator reads from an output root: the plan's unit count, unit markers, summary.json of sharded
+work (a stage, a TrainRun's latents phase), and a TrainRun's status.json.
 
 Every read is best-effort: an unreachable or empty store yields None and the Job status decides alone.
 """
@@ -23,7 +24,8 @@ def _read_json(uri: str, key: str) -> Any:
 
 
 def planned_units(kind: str, output_uri: str) -> int | None:
-    """The unit count a finished plan pod left under ``{output}/{plan dir}``."""
+    """The unit count a finished plan pod left under ``{output}/{plan dir}``: a ScrapeJob's in its
+    plan's summary.json, the others' (a CaptionJob's, a TrainRun's latents phase's) in units.json."""
     try:
         plan = units.StageLayout.at(output_uri).plan
         if kind == "ScrapeJob":

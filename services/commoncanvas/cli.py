@@ -232,7 +232,9 @@ def latents_unit(file: Path, unit: int | None, metrics_port: int) -> None:
     from commoncanvas.train.latents import STAGE, run_unit
 
     metrics.serve(metrics_port, stage=STAGE)
-    stats = run_unit(_load_one(file, "TrainRun").spec, _unit_index(unit))
+    spec = _load_one(file, "TrainRun").spec
+    # A pod runs one unit: its DataLoader processes (decode, resize) are the run's dataset.loaderWorkers.
+    stats = run_unit(spec, _unit_index(unit), loader_workers=spec.dataset.loader_workers)
     _echo_json({k: v for k, v in stats.items() if k != "failures"})
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import threading
 import time
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Metric, start_http_server
+from prometheus_client.registry import Collector
 
 LINGER_ENV = "METRICS_LINGER_SECONDS"
 SAMPLES = Counter(
@@ -109,20 +111,41 @@ def initialize(stage: str) -> None:
         BYTES.labels(stage, split)
     UNITS.labels(stage, "succeeded")
     UNIT_SECONDS.labels(stage)
+    BATCH_SECONDS.labels(stage)
 
 
 def serve(port: int, stage: str | None = None, linger_seconds: float | None = None) -> None:
     """Expose /metrics on `port` (0 = don't), with `stage`'s series initialized.
 
-    `linger_seconds` (default: $METRICS_LINGER_SECONDS, else 0) keeps /metrics up that long after the
-    process is done, so that a pod shorter than the scrape interval still shows its final counts.
+    `linger_seconds` (default: $METRICS_LINGER_SECONDS, else 0) is for pods shorter than the scrape
+    interval: the process waits up to that long for its first scrape before it works (so the zeros
+    are seen, and rate() counts the work), and keeps /metrics up that long after it is done (so the
+    final counts are seen).
     """
     if not port:
         return
     if stage:
         initialize(stage)
-    start_http_server(port)
     if linger_seconds is None:
         linger_seconds = float(os.environ.get(LINGER_ENV) or 0)
+    watch = _FirstScrape()
     if linger_seconds > 0:
+        REGISTRY.register(watch)
+    start_http_server(port)
+    if linger_seconds > 0:
+        watch.seen.wait(linger_seconds)
         atexit.register(time.sleep, linger_seconds)
+
+
+class _FirstScrape(Collector):
+    """Collects nothing; notes that /metrics has been read (every scrape collects the registry)."""
+
+    def __init__(self) -> None:
+        self.seen = threading.Event()
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not count as a scrape
+
+    def collect(self) -> list[Metric]:
+        self.seen.set()
+        return []

@@ -7,12 +7,12 @@ watches the pods bound to it and runs each pod's first container: ``command`` + 
 image's ``workingDir`` does not exist here), and its exit code lands in the pod's
 ``containerStatuses[0].state.terminated.exitCode``. Output goes to ``WORK_DIR/NS_NAME_UID/container.log``.
 
-Without a mount namespace, a volume (``configMap``, ``secret``, ``emptyDir``) is a directory under
-the pod's, and its ``mountPath`` is rewritten to that directory wherever it starts a path in the
-argv or the environment; ``terminationMessagePath`` likewise, and what the process writes there is
-the terminated state's message. Every pod here shares the host's network and there is no cluster
-DNS: peers' names under the pod's own ``subdomain`` (its headless Service) are rewritten to the
-node's address.
+Without a mount namespace, a volume (``configMap``, ``secret``, ``projected``, ``emptyDir``) is a
+directory (``$TMPDIR/pod-UID``, removed with the pod), and its ``mountPath`` is rewritten to that
+directory wherever it starts a path in the argv or the environment; ``terminationMessagePath``
+likewise, and what the process writes there is the terminated state's message. Every pod here
+shares the host's network and there is no cluster DNS: peers' names under the pod's own
+``subdomain`` (its headless Service) are rewritten to the node's address.
 
 Run as ``python -m tests.cluster.podrunner --kubeconfig K --node NAME --work-dir DIR`` (LocalCluster
 does this with the node's own credentials, system:node:NAME, authorised by the Node authorizer).
@@ -27,9 +27,11 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -131,6 +133,9 @@ class PodProcess(threading.Thread):
         self.directory = runner.work_dir / f"{self.namespace}_{self.pod_name}_{self.uid}"
         self.log_file = self.directory / "container.log"
         self.termination_file = self.directory / "termination-log"
+        # Short, as a container's /tmp is: a unix socket path (DataLoader workers, torch) must stay
+        # under 108 bytes, which the pod directory under pytest's basetemp is not. Removed with the pod.
+        self.volumes_dir = Path(tempfile.gettempdir()) / f"pod-{self.uid[:18]}"
         self._token_value = ""
         self.terminating = threading.Event()
         self.grace_seconds = 30.0
@@ -303,7 +308,7 @@ class PodProcess(threading.Thread):
             volume = volumes.get(name)
             if volume is None:
                 raise PodConfigError(f"volumeMount {name!r} names no volume of the pod")
-            local = self.directory / "volumes" / name
+            local = self.volumes_dir / name
             local.mkdir(parents=True, exist_ok=True)
             if "configMap" in volume:
                 self._write_items(local, "configmaps", volume["configMap"])
@@ -503,6 +508,7 @@ class PodProcess(threading.Thread):
         except Exception as error:  # the thread must not die silently: say why in the runner's log
             print(f"pod {self.namespace}/{self.pod_name}: runner error: {error!r}", flush=True)
         finally:
+            shutil.rmtree(self.volumes_dir, ignore_errors=True)
             self.runner.forget(self.uid)
 
     def _run(self) -> None:

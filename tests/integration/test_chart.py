@@ -217,15 +217,16 @@ def test_settings_carry_the_worker_pods_hardening_and_its_overrides() -> None:
 
 
 def worker_pods(settings: Settings) -> dict[str, dict[str, Any]]:
-    """A Pod for every pod template the operator builds: both stages' plan/units/finalize, a TrainRun's."""
+    """A Pod for every pod template the operator builds: both stages' plan/units/finalize, a TrainRun's
+    and its latents phase's."""
     meta = {"name": "t", "namespace": "x"}
     bodies = {
         "ScrapeJob": {"source": {"uri": "s3://b/meta.tsv"}, "output": {"uri": "s3://b/catalog"}},
         "CaptionJob": {"input": {"uris": ["s3://b/catalog"]}, "output": {"uri": "s3://b/caps"}},
     }
     templates = {
-        f"{kind.lower()}-{step}": builders.stage_pod_template(
-            {"kind": kind, "metadata": meta, "spec": spec}, step, settings
+        f"{kind.lower()}-{step}": builders.sharded_pod_template(
+            builders.stage_work({"kind": kind, "metadata": meta, "spec": spec}, settings), step, settings
         )
         for kind, spec in bodies.items()
         for step in builders.STEPS
@@ -238,9 +239,13 @@ def worker_pods(settings: Settings) -> dict[str, dict[str, Any]]:
             "output": {"uri": "s3://b/sd"},
             "checkpoint": {"uri": "s3://b/sd-ckpt"},
             "distributed": {"minNodes": 1, "maxNodes": 2, "gpusPerNode": 8},
+            "optimizations": {"precomputeLatents": True},
         },
     }
     templates["trainrun"] = builders.build_train_job(train, settings)["spec"]["template"]
+    for step in builders.STEPS:
+        work = builders.latents_work(train)
+        templates[f"trainrun-latents-{step}"] = builders.sharded_pod_template(work, step, settings)
     return {
         name: {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": template["spec"]}
         for name, template in templates.items()

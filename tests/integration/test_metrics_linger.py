@@ -1,11 +1,12 @@
-"""A worker's /metrics outlives its work by METRICS_LINGER_SECONDS, so a short pod's final counts are
-scraped; without it the endpoint goes with the process."""
+"""METRICS_LINGER_SECONDS: a short worker waits for its first scrape before it works and keeps /metrics
+up after it, so both its zeros and its final counts are scraped; without it nothing waits."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -28,17 +29,30 @@ def run_worker(port: int, linger: str) -> subprocess.Popen[str]:
     )
 
 
-def test_metrics_stay_up_after_the_work_for_the_linger_time() -> None:
+def scrape(port: int, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                return str(response.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_a_short_worker_is_scraped_before_and_after_its_work() -> None:
+    """With a linger, the work waits for the first scrape (its zeros), and /metrics outlives it."""
     port = free_port()
     worker = run_worker(port, "30")
     try:
+        before = scrape(port)
+        assert 'commoncanvas_units_total{result="succeeded",stage="scrape"} 0.0' in before
         assert worker.stdout is not None and worker.stdout.readline().strip() == "work done"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        assert 'commoncanvas_units_total{result="succeeded",stage="scrape"} 1.0' in text
-        assert 'commoncanvas_images_per_second{stage="scrape"} 7.0' in text
-        # Initialized at 0 before the work, so rate() sees the first sample's increase.
-        assert 'commoncanvas_samples_total{outcome="ok",split="noncommercial",stage="scrape"} 0.0' in text
+        after = scrape(port)
+        assert 'commoncanvas_units_total{result="succeeded",stage="scrape"} 1.0' in after
+        assert 'commoncanvas_images_per_second{stage="scrape"} 7.0' in after
+        assert 'commoncanvas_samples_total{outcome="ok",split="noncommercial",stage="scrape"} 0.0' in after
         assert worker.poll() is None, "the process must still be serving"
     finally:
         worker.terminate()

@@ -1,8 +1,8 @@
 """The operator on the real control plane: installed with the chart's RBAC, run as its ServiceAccount.
 
-kwok plays the kubelet, so no worker really runs: each stage's plan is seeded in MinIO (what the
-plan pod would have written), and the finalize step leaves no summary.json, which the operator
-tolerates.
+kwok plays the kubelet, so no worker really runs: each stage's plan (and a TrainRun's latents plan) is
+seeded in MinIO (what the plan pod would have written), and the finalize step leaves no summary.json,
+which the operator tolerates.
 """
 
 from __future__ import annotations
@@ -319,6 +319,96 @@ def test_train_run_pod_on_a_lost_a100_node_is_replaced_and_the_run_still_succeed
             cluster.create_node(lost, A100_POOL)
 
 
+def seed_latents_plan(minio: MinioServer, bucket: str, run: str, units: int) -> None:
+    """What the latents plan pod would have written under the run's output (kwok runs no worker)."""
+    plan = {"hash": "seeded", "units": [{} for _ in range(units)]}
+    minio.client().put_object(Bucket=bucket, Key=f"{run}/latents/_plan/units.json", Body=json.dumps(plan))
+
+
+def latents_run(name: str, bucket: str, max_nodes: int, **annotations: str) -> Obj:
+    body = train_run(name, bucket, max_nodes, **annotations)
+    body["spec"]["optimizations"] = {"precomputeLatents": True}
+    return body
+
+
+def conditions_of(obj: Obj) -> dict[str, Obj]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def test_train_run_with_precomputed_latents_encodes_on_a100_gpus_first_then_trains(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: OperatorProcess
+) -> None:
+    seed_latents_plan(minio, bucket, "lat", 5)
+    cluster.apply(latents_run("lat", bucket, max_nodes=2, **{RUN_DURATION_ANNOTATION: "4s"}), namespace)
+
+    encoding = wait_status(
+        cluster,
+        namespace,
+        "trainruns",
+        "lat",
+        lambda s: any(c["type"] == "LatentsUnitsComplete" for c in s.get("conditions") or []),
+        "latents units running",
+    )
+    assert encoding["status"]["phase"] == "Running"
+    assert encoding["status"]["units"]["total"] == 5
+    assert encoding["status"]["progress"].startswith("latents ")
+    assert conditions_of(encoding)["LatentsUnitsComplete"]["message"].endswith("/5 units")
+    assert "lat-train" not in {j["metadata"]["name"] for j in jobs(cluster, namespace, "lat")}
+
+    done = wait_status(cluster, namespace, "trainruns", "lat", phase("Succeeded"), "TrainRun Succeeded", 120)
+
+    assert done["status"]["units"] == {"total": 5, "succeeded": 5, "failed": 0}
+    found = conditions_of(done)
+    assert all(found[t]["status"] == "True" for t in ("LatentsPlanned", "LatentsFinalized", "Trained"))
+    by_name = {j["metadata"]["name"]: j for j in jobs(cluster, namespace, "lat")}
+    assert sorted(by_name) == ["lat-latents-finalize", "lat-latents-plan", "lat-latents-units", "lat-train"]
+    units = by_name["lat-latents-units"]
+    assert units["spec"]["completionMode"] == "Indexed"
+    assert units["spec"]["completions"] == 5
+    assert units["spec"]["parallelism"] == 5  # 2 nodes x 8 GPUs, capped at the 5 units
+    assert units["metadata"]["ownerReferences"][0]["kind"] == "TrainRun"
+    # The train Job was made only once the latents phase had finished.
+    finished = by_name["lat-latents-finalize"]["status"]["completionTime"]
+    assert by_name["lat-train"]["metadata"]["creationTimestamp"] >= finished
+    assert by_name["lat-latents-finalize"]["status"]["completionTime"] >= units["status"]["completionTime"]
+    unit_pods = pods(cluster, namespace, "lat-latents-units")
+    assert len(unit_pods) == 5
+    assert {p["spec"]["nodeName"] for p in unit_pods} <= set(cluster.node_names(A100_POOL))
+    for pod in unit_pods:
+        container = pod["spec"]["containers"][0]
+        assert container["resources"]["limits"][GPU_RESOURCE] == "1"
+        assert container["args"] == ["latents", "unit", "/etc/commoncanvas/job.yaml"]
+    for step in ("plan", "finalize"):
+        [pod] = pods(cluster, namespace, f"lat-latents-{step}")
+        assert pod["spec"]["nodeName"] in cluster.node_names(CPU_POOL), step
+        assert GPU_RESOURCE not in (pod["spec"]["containers"][0].get("resources") or {}).get("limits", {})
+    train_pods = pods(cluster, namespace, "lat-train")
+    assert sorted(p["spec"]["nodeName"] for p in train_pods) == sorted(cluster.node_names(A100_POOL))
+    # Every Job reads the one job file.
+    for job in by_name.values():
+        volumes = job["spec"]["template"]["spec"]["volumes"]
+        assert any((v.get("configMap") or {}).get("name") == "lat-job" for v in volumes)
+
+
+def test_failing_latents_units_fail_the_train_run_naming_them_and_no_training_starts(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, operator: OperatorProcess
+) -> None:
+    seed_latents_plan(minio, bucket, "badlat", 2)
+    cluster.apply(latents_run("badlat", bucket, max_nodes=1, **{FAIL_ANNOTATION: "true"}), namespace)
+
+    failed = wait_status(cluster, namespace, "trainruns", "badlat", phase("Failed"), "TrainRun Failed", 90)
+
+    condition = conditions_of(failed)["Failed"]
+    assert condition["reason"] == "LatentsFailedIndexes"
+    # Two consecutive indexes are "0,1" (three or more would be a range, "0-2").
+    assert condition["message"].startswith("latents phase: 2 of 2 units failed (indexes 0,1)")
+    assert failed["status"]["units"]["failed"] == 2
+    time.sleep(3)  # a few more reconciles: still nothing of training
+    names = {j["metadata"]["name"] for j in jobs(cluster, namespace, "badlat")}
+    assert names == {"badlat-latents-plan", "badlat-latents-units"}
+    assert cluster.api.get_or_none(f"/api/v1/namespaces/{namespace}/services/badlat-rdzv") is None
+
+
 def http_get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -346,29 +436,32 @@ def test_two_replicas_peer_one_works_and_the_other_takes_over_when_it_dies(
                 replica.start()
             for replica in replicas:
                 healthz = f"http://127.0.0.1:{replica.liveness}/healthz"
-                wait_for(lambda url=healthz: http_get(url)[0] == 200, "liveness")  # type: ignore[misc]
-            # The lower-priority replica pauses once it sees the other in the peering object.
-            wait_for(
-                lambda: sum("Pausing operations" in r.log_tail(10**6) for r in replicas) == 1, "one paused"
-            )
-            [active] = [r for r in replicas if "Pausing operations" not in r.log_tail(10**6)]
-            [standby] = [r for r in replicas if r is not active]
+                wait_for(lambda url=healthz: http_get(url)[0] == 200, "liveness", 180)  # type: ignore[misc]
+            # Both in the peering object; a replica acts on it within its next event (kopf starts every
+            # peering replica paused, and the lower one may stay so without a word in its log).
+            peering = f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/commoncanvas"
+            cluster.api.wait_for(peering, lambda obj: len(obj.get("status") or {}) == 2, 120, "two peers")
+            time.sleep(2)
 
             seed_plans(minio, bucket, ("first", 1), ("unused", 1))
             cluster.apply(scrape_job("first", bucket), namespace)
             wait_status(cluster, namespace, "scrapejobs", "first", phase("Succeeded"), "first Succeeded")
-            status, text = http_get(f"http://127.0.0.1:{active.metrics_port}/metrics")
-            assert status == 200
+            scraped = {r: http_get(f"http://127.0.0.1:{r.metrics_port}/metrics") for r in replicas}
+            assert all(status == 200 for status, _ in scraped.values())
+            worked = [r for r, (_, text) in scraped.items() if 'name="first"' in text]
+            assert len(worked) == 1, "exactly one replica may reconcile"
+            [active] = worked
+            [standby] = [r for r in replicas if r is not active]
+            text = scraped[active][1]
             assert 'commoncanvas_operator_reconciles_total{kind="ScrapeJob",result="ok"}' in text
             assert 'commoncanvas_operator_units_done{kind="ScrapeJob",name="first"' in text
-            _, idle = http_get(f"http://127.0.0.1:{standby.metrics_port}/metrics")
-            assert 'name="first"' not in idle, "the paused replica reconciled too"
 
+            resumed_before = standby.log_tail(10**6).count("Resuming operations")
             active.kill()  # no goodbye: its peering entry must go stale
             seed_plans(minio, bucket, ("second", 1), ("unused", 1))
             cluster.apply(scrape_job("second", bucket), namespace)
-            wait_status(cluster, namespace, "scrapejobs", "second", phase("Succeeded"), "taken over", 90)
-            assert "Resuming operations" in standby.log_tail(10**6)
+            wait_status(cluster, namespace, "scrapejobs", "second", phase("Succeeded"), "taken over", 180)
+            assert standby.log_tail(10**6).count("Resuming operations") > resumed_before
         finally:
             for replica in replicas:
                 replica.kill()

@@ -359,6 +359,19 @@ def operator_pods() -> list[tuple[str, dict[str, Any]]]:
             job = builders.build_stage_job(body, step, Settings(), units=2)
             for container in job["spec"]["template"]["spec"]["containers"]:
                 pods.append((f"{kind} {step}", container))
+    train = {
+        "metadata": {"name": "t"},
+        "spec": {
+            "dataset": {"uris": ["s3://b/caps"]},
+            "output": {"uri": "s3://b/sd"},
+            "checkpoint": {"uri": "s3://b/sd-ckpt"},
+            "optimizations": {"precomputeLatents": True},
+        },
+    }
+    for step in builders.STEPS:
+        job = builders.build_sharded_job(builders.latents_work(train), step, Settings(), units=2)
+        for container in job["spec"]["template"]["spec"]["containers"]:
+            pods.append((f"TrainRun latents {step}", container))
     return pods
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from commoncanvas_operator.reducers import (
     JobView,
     Observed,
+    ShardedView,
     Upstream,
     count_indexes,
     merge_conditions,
@@ -21,8 +23,13 @@ DONE = JobView(complete=True)
 RUNNING = JobView(active=1)
 
 
+WORK_FIELDS = {f.name for f in dataclasses.fields(ShardedView)}
+
+
 def observe(**kwargs: Any) -> Observed:
-    return Observed(generation=3, now=NOW, **kwargs)
+    """An observation; the sharded work's fields (plan, plan_units, units...) go to its ``work``."""
+    work = ShardedView(**{k: kwargs.pop(k) for k in list(kwargs) if k in WORK_FIELDS})
+    return Observed(generation=3, now=NOW, work=work, **kwargs)
 
 
 def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -155,7 +155,7 @@ def test_train_job_follows_the_named_pool_suspend_and_cpu_only_runs() -> None:
     assert job["spec"]["completions"] == 1
     assert pod["nodeSelector"] == {"gpu": "h100"} and "tolerations" not in pod
     [container] = pod["containers"]
-    assert container["image"] == settings.cpu_image
+    assert container["image"] == settings.gpu_image  # torch is there, not in the CPU image
     assert builders.GPU_RESOURCE not in container["resources"]["requests"]
     with pytest.raises(KeyError, match="a100"):
         train_job(train_run({"nodePool": "a100"}), settings)
@@ -168,12 +168,6 @@ def test_job_file_trains_on_the_caption_jobs_output() -> None:
 
     assert job_file["spec"]["dataset"]["uris"] == ["s3://b/caps"]
     assert "captionJobRef" not in job_file["spec"]["dataset"]
-
-
-def test_precompute_latents_is_refused_with_a_reason() -> None:
-    assert builders.train_unsupported(train_run()["spec"]) == ""
-    reason = builders.train_unsupported(train_run(optimizations={"precomputeLatents": True})["spec"])
-    assert "precomputeLatents" in reason
 
 
 def observe(**kwargs: Any) -> TrainObserved:
@@ -248,7 +242,9 @@ def test_train_succeeds_or_fails_with_its_job_and_stays_there() -> None:
 
 
 def test_invalid_train_spec_fails_without_children() -> None:
-    observed = observe(invalid="spec.optimizations.precomputeLatents is not supported")
+    observed = observe(
+        invalid="spec.distributed.nodePool: node pool 'h100' is not one of the operator's pools"
+    )
     assert train_steps(observed) == []
     status = reduce_train("s3://b/sd", observed)
     assert status["phase"] == "Failed"
