@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from commoncanvas_operator.settings import Settings
+from commoncanvas_operator.settings import NodePool, Settings
 
 Obj = dict[str, Any]
 
@@ -239,6 +239,16 @@ def _harden(pod_spec: Obj, container: Obj, settings: Settings) -> None:
     pod_spec["volumes"].append({"name": SCRATCH_VOLUME, "emptyDir": {}})
 
 
+def _place(pod_spec: Obj, pool: NodePool, settings: Settings) -> None:
+    """Where a worker pod runs (its pool's nodeSelector and tolerations) and as which ServiceAccount."""
+    if pool.node_selector:
+        pod_spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in pool.tolerations]
+    if settings.worker_service_account:
+        pod_spec["serviceAccountName"] = settings.worker_service_account
+
+
 # kopf keeps its own state in annotations under our prefix (handlers.configure); they change after
 # the Job exists, and a Job's pod template cannot change, so they never reach the pods.
 KOPF_ANNOTATIONS = (f"{GROUP}/last-handled-configuration", f"{GROUP}/kopf")
@@ -382,12 +392,7 @@ def sharded_pod_template(work: ShardedWork, step: str, settings: Settings) -> Ob
         ],
     }
     _harden(pod_spec, container, settings)
-    if pool.node_selector:
-        pod_spec["nodeSelector"] = dict(pool.node_selector)
-    if pool.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in pool.tolerations]
-    if settings.worker_service_account:
-        pod_spec["serviceAccountName"] = settings.worker_service_account
+    _place(pod_spec, pool, settings)
     metadata: Obj = {"labels": labels(work.kind, work.name, work.step_name(step))}
     if work.annotations and units:
         metadata["annotations"] = dict(work.annotations)
@@ -544,12 +549,7 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
         ],
     }
     _harden(pod_spec, container, settings)
-    if pool.node_selector:
-        pod_spec["nodeSelector"] = dict(pool.node_selector)
-    if pool.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in pool.tolerations]
-    if settings.worker_service_account:
-        pod_spec["serviceAccountName"] = settings.worker_service_account
+    _place(pod_spec, pool, settings)
     metadata: Obj = {"labels": labels("TrainRun", name, "train")}
     annotations = pod_annotations(body)
     if annotations:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -193,19 +192,12 @@ async def apply_steps(
 
 
 async def reconcile_stage(body: kopf.Body, patch: kopf.Patch, logger: Logger) -> None:
-    started = time.monotonic()
     raw: Obj = dict(body)
     kind = raw["kind"]
-    try:
+    with metrics.reconcile_pass(kind):
         observed, work = await observe_stage(raw)
         await apply_steps(body, raw, observed, work)
         status = reducers.reduce_stage(kind, work.output_uri, observed)
-    except Exception:
-        metrics.RECONCILES.labels(kind, "error").inc()
-        raise
-    finally:
-        metrics.RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
-    metrics.RECONCILES.labels(kind, "ok").inc()
     report(body, patch, logger, observed.previous, status)
 
 
@@ -288,19 +280,12 @@ def train_children(
 
 
 async def reconcile_train(body: kopf.Body, patch: kopf.Patch, logger: Logger) -> None:
-    started = time.monotonic()
     raw: Obj = dict(body)
     kind = raw["kind"]
-    try:
+    with metrics.reconcile_pass(kind):
         observed, output_uri, latents_work = await observe_train(raw)
         await apply_children(body, train_children(raw, observed, latents_work))
         status = reducers.reduce_train(output_uri, observed)
-    except Exception:
-        metrics.RECONCILES.labels(kind, "error").inc()
-        raise
-    finally:
-        metrics.RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
-    metrics.RECONCILES.labels(kind, "ok").inc()
     report(body, patch, logger, observed.previous, status)
 
 

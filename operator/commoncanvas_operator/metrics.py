@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -17,6 +19,21 @@ RESOURCES = Gauge(
 )
 UNITS_DONE = Gauge("commoncanvas_operator_units_done", "Units succeeded", ["kind", "namespace", "name"])
 UNITS_PLANNED = Gauge("commoncanvas_operator_units_planned", "Units planned", ["kind", "namespace", "name"])
+
+
+@contextlib.contextmanager
+def reconcile_pass(kind: str) -> Iterator[None]:
+    """Count one reconcile pass by result and time it."""
+    started = time.monotonic()
+    try:
+        yield
+    except Exception:
+        RECONCILES.labels(kind, "error").inc()
+        raise
+    else:
+        RECONCILES.labels(kind, "ok").inc()
+    finally:
+        RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
 
 
 def record(kind: str, namespace: str, name: str, status: dict[str, object], phases: tuple[str, ...]) -> None:
