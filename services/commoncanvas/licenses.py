@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 
@@ -247,15 +248,22 @@ class LicensePolicy:
     allowed: frozenset[str] = frozenset(DEFAULT_ALLOWED)
 
     def decide(self, name: str, url: str) -> LicenseDecision:
-        found = resolve_license(name, url)
-        if isinstance(found, str):
-            return LicenseDecision(None, None, found)
-        if found.code not in self.allowed:
-            return LicenseDecision(found, None, f"license-not-allowed:{found.code}")
-        split = Split.COMMERCIAL if found.commercial else Split.NONCOMMERCIAL
-        return LicenseDecision(found, split, None)
+        return _decide(self.allowed, name, url)
 
 
+# A metadata file states a few dozen (name, URL) pairs over millions of rows: decide each pair once.
+@lru_cache(maxsize=4096)
+def _decide(allowed: frozenset[str], name: str, url: str) -> LicenseDecision:
+    found = resolve_license(name, url)
+    if isinstance(found, str):
+        return LicenseDecision(None, None, found)
+    if found.code not in allowed:
+        return LicenseDecision(found, None, f"license-not-allowed:{found.code}")
+    split = Split.COMMERCIAL if found.commercial else Split.NONCOMMERCIAL
+    return LicenseDecision(found, split, None)
+
+
+@lru_cache(maxsize=4096)
 def normalized_license_url(lic: License, stated_url: str) -> str:
     """Keep the version the source stated (https, trailing slash); fall back to the canonical URL."""
     if not stated_url.strip() or license_from_url(stated_url) != lic:

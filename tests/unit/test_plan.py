@@ -3,23 +3,26 @@ and the `commoncanvas scrape plan` command's one-JSON-object contract."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from commoncanvas.licenses import LicensePolicy
-from commoncanvas.metadata import MalformedRow, PhotoRecord
+from commoncanvas.metadata import PART_BYTES, PhotoRecord
 from commoncanvas.scrape.plan import (
     MALFORMED_REPORTED,
     PLAN_SUMMARY,
     PlannedSample,
     PlanSummary,
     candidate_urls,
-    iter_plan,
     plan_hash,
     plan_record,
     read_unit_plan,
@@ -160,31 +163,44 @@ def test_row_with_no_url_to_try_is_excluded() -> None:
     assert plan_record(row, LicensePolicy(), FetchPolicy()) == "no-candidate-url"
 
 
-def test_planned_sample_survives_a_json_round_trip() -> None:
-    sample = plan_record(record(title='Ünïcode "quoted"\nline'), LicensePolicy(), FetchPolicy())
+def test_planned_sample_survives_a_json_round_trip_as_one_line_of_plain_json() -> None:
+    title = 'Ünïcode "quoted"\nline\\ \x00\u2028'
+    sample = plan_record(record(title=title, tags=("a\tb", "\x85")), LicensePolicy(), FetchPolicy())
     assert isinstance(sample, PlannedSample)
     assert PlannedSample.from_json(sample.to_json()) == sample
+    assert sample.to_json() == json.dumps(sample._asdict(), ensure_ascii=False)
+    assert "\n" not in sample.to_json()
 
 
 # --- units ------------------------------------------------------------------------------------------
 
+NC_COLUMNS = {
+    "license_name": "Attribution-NonCommercial+License",
+    "license_url": "http://creativecommons.org/licenses/by-nc/2.0/",
+}
 
-def test_units_hold_one_split_each_and_fill_in_turn() -> None:
-    rows = [
-        record(1),
-        record(2),
-        record(3),
-        record(4, CC_BY_NC),
-        record(5, CC_BY_NC),
-        record(6),
-        record(7, CC_BY_NC),
+
+def plan_of(yfcc, tmp_path: Path, lines: list[str], **options) -> tuple[LocalStorage, PlanSummary]:
+    """Write `lines` as a metadata file and plan it (options: unitSize ..., processes, part_bytes)."""
+    run = {k: options.pop(k) for k in ("processes", "part_bytes") if k in options}
+    metadata = yfcc.write_tsv(tmp_path / "yfcc100m.tsv", lines)
+    storage = LocalStorage(tmp_path / "plan")
+    summary = write_plan(spec_for(metadata, tmp_path / "out", **options), storage, **run)
+    return storage, summary
+
+
+def unit_ids(storage: LocalStorage) -> list[tuple[str, list[int]]]:
+    return [
+        (u["split"], [s.photo_id for s in read_unit_plan(storage, u["unit"])]) for u in read_units(storage)
     ]
-    summary = PlanSummary()
-    units = [
-        (split, [s.photo_id for s in samples])
-        for split, samples in iter_plan(rows, LicensePolicy(), FetchPolicy(), 2, summary)
-    ]
-    assert units == [
+
+
+@pytest.mark.parametrize("part_bytes", [PART_BYTES, 1], ids=["one-part", "a-part-per-line"])
+def test_units_hold_one_split_each_and_fill_in_turn(yfcc, tmp_path: Path, part_bytes: int) -> None:
+    nc = [4, 5, 7]
+    lines = [yfcc.line(photo_id=str(n), **(NC_COLUMNS if n in nc else {})) for n in range(1, 8)]
+    storage, summary = plan_of(yfcc, tmp_path, lines, unitSize=2, processes=1, part_bytes=part_bytes)
+    assert unit_ids(storage) == [
         ("commercial", [1, 2]),
         ("noncommercial", [4, 5]),
         ("commercial", [3, 6]),
@@ -193,40 +209,156 @@ def test_units_hold_one_split_each_and_fill_in_turn() -> None:
     assert summary.licenses == Counter({"cc-by": 4, "cc-by-nc": 3})
 
 
-def test_every_planned_sample_lands_in_exactly_one_unit_no_larger_than_the_unit_size() -> None:
-    rows = [record(i, CC_BY if i % 3 else CC_BY_NC) for i in range(1, 50)]
-    units = list(iter_plan(rows, LicensePolicy(), FetchPolicy(), 4, PlanSummary()))
-    ids = [s.photo_id for _, samples in units for s in samples]
+def test_every_planned_sample_lands_in_exactly_one_unit_no_larger_than_the_unit_size(
+    yfcc, tmp_path: Path
+) -> None:
+    lines = [yfcc.line(photo_id=str(n), **({} if n % 3 else NC_COLUMNS)) for n in range(1, 50)]
+    storage, _ = plan_of(yfcc, tmp_path, lines, unitSize=4, processes=1, part_bytes=700)
+    units = read_units(storage)
+    ids = [s.photo_id for u in units for s in read_unit_plan(storage, u["unit"])]
     assert sorted(ids) == list(range(1, 50))
-    assert all(0 < len(samples) <= 4 and {s.split for s in samples} == {split} for split, samples in units)
+    assert all(
+        0 < u["samples"] <= 4 and {s.split for s in read_unit_plan(storage, u["unit"])} == {u["split"]}
+        for u in units
+    )
 
 
-def test_exclusions_and_malformed_rows_are_counted_and_malformed_lines_kept() -> None:
-    rows = [
-        record(1),
-        MalformedRow(2, "bad-date", "year 4501"),
-        record(3, is_video=True),
-        record(4, CC_BY_ND),
-        MalformedRow(5, "column-count", "12 columns"),
+def test_exclusions_and_malformed_rows_are_counted_and_malformed_lines_kept(yfcc, tmp_path: Path) -> None:
+    lines = [
+        yfcc.line(photo_id="1"),
+        yfcc.line(photo_id="2x"),
+        yfcc.line(photo_id="3", marker="1"),
+        yfcc.line(photo_id="4", license_name=CC_BY_ND[0], license_url=CC_BY_ND[1]),
+        "\t".join(yfcc.line(photo_id="5").split("\t")[:12]),
     ]
-    summary = PlanSummary()
-    assert len(list(iter_plan(rows, LicensePolicy(), FetchPolicy(), 10, summary))) == 1
+    _, summary = plan_of(yfcc, tmp_path, lines)
+    assert len(summary.units) == 1
     assert summary.excluded == Counter(
-        {"malformed:bad-date": 1, "malformed:column-count": 1, "video": 1, "license-not-allowed:cc-by-nd": 1}
+        {"malformed:bad-id": 1, "malformed:column-count": 1, "video": 1, "license-not-allowed:cc-by-nd": 1}
     )
     assert summary.malformed == [
-        {"line": 2, "reason": "bad-date", "detail": "year 4501"},
-        {"line": 5, "reason": "column-count", "detail": "12 columns"},
+        {"line": 2, "reason": "bad-id", "detail": "photo id '2x' is not a number"},
+        {"line": 5, "reason": "column-count", "detail": "12 columns, expected 23"},
     ]
 
 
-def test_malformed_line_list_is_capped_but_the_count_stays_exact() -> None:
-    rows = [MalformedRow(n, "bad-id") for n in range(1, MALFORMED_REPORTED + 6)]
-    summary = PlanSummary()
-    list(iter_plan(rows, LicensePolicy(), FetchPolicy(), 10, summary))
+@pytest.mark.parametrize("part_bytes", [PART_BYTES, 50_000], ids=["one-part", "many-parts"])
+def test_malformed_line_list_is_capped_but_the_count_stays_exact(
+    yfcc, tmp_path: Path, part_bytes: int
+) -> None:
+    lines = [yfcc.line(photo_id=f"{n}x") for n in range(1, MALFORMED_REPORTED + 6)]
+    _, summary = plan_of(yfcc, tmp_path, lines, processes=1, part_bytes=part_bytes)
     assert summary.excluded["malformed:bad-id"] == MALFORMED_REPORTED + 5
     assert len(summary.malformed) == MALFORMED_REPORTED
-    assert summary.malformed[0]["line"] == 1
+    assert [m["line"] for m in summary.malformed] == list(range(1, MALFORMED_REPORTED + 1))
+
+
+def test_unreadable_informational_fields_are_warnings_by_field_and_never_exclude(
+    yfcc, tmp_path: Path
+) -> None:
+    lines = [
+        yfcc.line(photo_id="1", date_taken="4501-01-01 00:00:00.0"),
+        yfcc.line(photo_id="2", date_taken="yesterday", longitude="east"),
+        yfcc.line(photo_id="3", description="caf%E9"),
+        yfcc.line(photo_id="4", date_uploaded="soon", accuracy="-"),
+    ]
+    _, summary = plan_of(yfcc, tmp_path, lines)
+    assert (summary.commercial, summary.excluded) == (4, Counter())
+    assert summary.to_dict()["warnings"] == {
+        "accuracy": 1,
+        "date_taken": 2,
+        "date_uploaded": 1,
+        "description": 1,
+        "longitude": 1,
+    }
+
+
+def test_row_whose_farm_is_unreadable_is_fetched_from_its_download_url_alone(yfcc, tmp_path: Path) -> None:
+    storage, summary = plan_of(yfcc, tmp_path, [yfcc.line(farm="four")])
+    assert [s.candidates for s in read_unit_plan(storage, 0)] == [(DOWNLOAD,)]
+    assert summary.warnings == Counter({"farm": 1})
+
+
+# --- line separators inside fields -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["raw", "url-encoded"])
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\r"], ids=["LS", "PS", "NEL", "CR"])
+def test_a_line_separator_in_title_author_or_tag_survives_plan_write_and_read(
+    yfcc, tmp_path: Path, separator: str, encoded: bool
+) -> None:
+    text = quote(separator) if encoded else separator
+    lines = [
+        yfcc.line(photo_id="1", title=f"a{text}b", user_nickname=f"jane{text}doe", user_tags=f"x{text}y,z"),
+        yfcc.line(photo_id="2"),
+    ]
+    storage, summary = plan_of(yfcc, tmp_path, lines)
+    first, second = read_unit_plan(storage, 0)
+    assert (first.title, first.author, first.tags) == (
+        f"a{separator}b",
+        f"jane{separator}doe",
+        (f"x{separator}y", "z"),
+    )
+    assert (second.photo_id, second.title) == (2, "Harbour at dusk")
+    assert summary.commercial == 2 and not summary.excluded
+
+
+# --- the same plan whatever the parallelism ------------------------------------------------------------
+
+
+def plan_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def mixed_rows(yfcc, count: int) -> list[str]:
+    """Every kind of row, in an irregular order: C, NC, ND, video, malformed, warnings, blank lines."""
+    nd = {"license_name": CC_BY_ND[0], "license_url": CC_BY_ND[1]}
+    kinds = [
+        {},
+        NC_COLUMNS,
+        nd,
+        {"marker": "1"},
+        {"photo_id": "x"},
+        {"date_taken": "4501-01-01"},
+        {},
+        NC_COLUMNS,
+    ]
+    rows = []
+    for n in range(1, count + 1):
+        kind = kinds[(n * n + n // 7) % len(kinds)]
+        rows.append(yfcc.line(**{"photo_id": str(n), "title": f"photo+{n}", **kind}))
+        if n % 97 == 0:
+            rows.append("")
+    return rows
+
+
+@pytest.mark.parametrize("container", ["plain", "gzip", "bz2", "sqlite"])
+def test_plan_is_byte_identical_whatever_the_number_of_processes_and_parts(
+    yfcc, tmp_path: Path, container: str
+) -> None:
+    lines = mixed_rows(yfcc, 3000)
+    text = "".join(line + "\n" for line in lines).encode()
+    metadata = tmp_path / "metadata"
+    if container == "sqlite":
+        yfcc.write_sqlite(metadata, [sqlite_values(yfcc, line) for line in lines if line])
+    else:
+        metadata.write_bytes(
+            {"plain": text, "gzip": gzip.compress(text), "bz2": bz2.compress(text)}[container]
+        )
+    plans = {}
+    for processes, part_bytes in [(1, PART_BYTES), (1, 20_000), (3, 20_000)]:
+        root = tmp_path / f"plan-{processes}-{part_bytes}"
+        write_plan(
+            spec_for(metadata, tmp_path / "out", unitSize=37), LocalStorage(root), processes, part_bytes
+        )
+        plans[(processes, part_bytes)] = plan_files(root)
+    sequential = plans[(1, PART_BYTES)]
+    assert len([key for key in sequential if key.startswith("units/")]) > 20
+    assert all(plan == sequential for plan in plans.values())
+
+
+def sqlite_values(yfcc, line: str) -> dict[str, str]:
+    return dict(zip(yfcc.values(), line.split("\t"), strict=True))
 
 
 # --- the written plan -------------------------------------------------------------------------------
@@ -245,7 +377,7 @@ def metadata_file(yfcc, tmp_path: Path) -> Path:
             yfcc.line(photo_id="1"),
             yfcc.line(photo_id="2", **nc),
             yfcc.line(photo_id="3"),
-            yfcc.line(photo_id="4", date_taken="4501-01-01 00:00:00.0"),
+            yfcc.line(photo_id="4x"),
             yfcc.line(
                 photo_id="5",
                 license_name="Attribution-NoDerivs+License",
@@ -286,7 +418,7 @@ def test_plan_summary_counts_every_row_exactly_once(metadata_file: Path, tmp_pat
     assert (summary["commercial"], summary["noncommercial"], summary["rows"]) == (3, 2, 9)
     assert summary["excluded"] == {
         "license-not-allowed:cc-by-nd": 1,
-        "malformed:bad-date": 1,
+        "malformed:bad-id": 1,
         "malformed:column-count": 1,
         "video": 1,
     }
@@ -295,7 +427,7 @@ def test_plan_summary_counts_every_row_exactly_once(metadata_file: Path, tmp_pat
         == summary["rows"]
     )
     assert summary["licenses"] == {"cc-by": 3, "cc-by-nc": 2}
-    assert [(m["line"], m["reason"]) for m in summary["malformed"]] == [(4, "bad-date"), (9, "column-count")]
+    assert [(m["line"], m["reason"]) for m in summary["malformed"]] == [(4, "bad-id"), (9, "column-count")]
     assert summary["layout"] == "yfcc100m-2014-23col"
 
 
@@ -306,6 +438,7 @@ def test_plan_summary_has_the_documented_keys(metadata_file: Path, tmp_path: Pat
         "noncommercial",
         "excluded",
         "licenses",
+        "warnings",
         "rows",
         "layout",
         "units",
@@ -361,7 +494,7 @@ def test_scrape_plan_prints_exactly_one_json_object_with_counts_and_malformed_li
     assert (report["commercial"], report["noncommercial"]) == (3, 2)
     assert report["excluded"]["video"] == 1
     assert report["excluded"]["license-not-allowed:cc-by-nd"] == 1
-    assert [(m["line"], m["reason"]) for m in report["malformed"]] == [(4, "bad-date"), (9, "column-count")]
+    assert [(m["line"], m["reason"]) for m in report["malformed"]] == [(4, "bad-id"), (9, "column-count")]
     assert (tmp_path / "plan" / PLAN_SUMMARY).is_file()
 
 
@@ -381,6 +514,32 @@ def test_scrape_plan_refuses_a_noderivs_license_with_a_message_naming_the_option
     assert done.returncode != 0
     assert done.stdout == ""
     assert "licenses.allow" in done.stderr
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "truncated-gzip", "truncated-bz2", "corrupt-sqlite"])
+def test_scrape_plan_of_an_unreadable_file_fails_with_one_line_naming_the_file_and_the_cause(
+    yfcc, tmp_path: Path, damage: str
+) -> None:
+    text = "".join(yfcc.line(photo_id=str(n), title=f"t{n * 7919}") + "\n" for n in range(1, 3000)).encode()
+    noise = random.Random(11).randbytes(100_000)
+    data = {
+        "random-bytes": noise,
+        "truncated-gzip": half(gzip.compress(text)),
+        "truncated-bz2": half(bz2.compress(text)),
+        "corrupt-sqlite": b"SQLite format 3\x00" + noise,
+    }[damage]
+    metadata = tmp_path / "metadata"
+    metadata.write_bytes(data)
+    done = commoncanvas("scrape", "plan", "--metadata", str(metadata), "--output", str(tmp_path / "plan"))
+    assert done.returncode != 0 and done.stdout == ""
+    message = done.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert str(metadata) in message
+    assert "Traceback" not in message and "Aborted!" not in message
+
+
+def half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
 
 
 def test_scrape_plan_of_a_missing_file_fails_without_a_traceback(tmp_path: Path) -> None:

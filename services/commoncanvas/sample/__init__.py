@@ -229,8 +229,8 @@ def sample_rows() -> list[SampleRow]:
             "SYNTHETIC malformed row",
             SYNTHETIC_AUTHOR,
             "cc-by",
-            "malformed:bad-date",
-            raw_line="year-4501",
+            "malformed:bad-id",
+            raw_line="bad-id",
         )
     )
     rows.append(
@@ -282,8 +282,8 @@ def metadata_line(row: SampleRow, base_url: str) -> str:
         "extension": row.ext,
         "marker": "1" if row.is_video else "0",
     }
-    if row.raw_line == "year-4501":
-        values["date_taken"] = "4501-01-01 00:00:00.0"
+    if row.raw_line == "bad-id":
+        values["photo_id"] = f"{row.photo_id}x"
     line = "\t".join(values[name] for name in FIELDS_2014)
     if row.raw_line == "short":
         line = "\t".join(line.split("\t")[:12])
