@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -11,17 +12,22 @@ import time
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Metric, start_http_server
 from prometheus_client.registry import Collector
 
+from commoncanvas.redact import bare_host
+
 LINGER_ENV = "METRICS_LINGER_SECONDS"
 SAMPLES = Counter(
     "commoncanvas_samples_total", "Samples processed, by outcome", ["stage", "split", "outcome"]
 )
 BYTES = Counter("commoncanvas_bytes_total", "Bytes of samples written", ["stage", "split"])
 UNITS = Counter("commoncanvas_units_total", "Work units finished, by result", ["stage", "result"])
+MODEL_LOADS = Counter(
+    "commoncanvas_model_loads_total", "Models loaded by workers (one per worker, not per unit)", ["stage"]
+)
 IMAGES_PER_SECOND = Gauge("commoncanvas_images_per_second", "Throughput of the last finished unit", ["stage"])
 FETCH_SECONDS = Histogram(
     "commoncanvas_fetch_seconds",
     "Latency of one HTTP fetch attempt",
-    ["host"],
+    ["host"],  # the bare host name only: see observe_fetch
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 UNIT_SECONDS = Histogram(
@@ -87,6 +93,12 @@ TRAINING = (
 )
 
 
+def observe_fetch(url: str, seconds: float) -> None:
+    """One HTTP attempt's latency, labelled by the bare host name: a URL's userinfo (credentials),
+    port and path never reach /metrics."""
+    FETCH_SECONDS.labels(host=bare_host(url) or "-").observe(seconds)
+
+
 def export_training() -> None:
     """Put the run's training series on this process's /metrics (rank 0 does; idempotent)."""
     for collector in TRAINING:
@@ -110,6 +122,7 @@ def initialize(stage: str) -> None:
         SAMPLES.labels(stage, split, "ok")
         BYTES.labels(stage, split)
     UNITS.labels(stage, "succeeded")
+    MODEL_LOADS.labels(stage)
     UNIT_SECONDS.labels(stage)
     BATCH_SECONDS.labels(stage)
 
@@ -131,7 +144,11 @@ def serve(port: int, stage: str | None = None, linger_seconds: float | None = No
     watch = _FirstScrape()
     if linger_seconds > 0:
         REGISTRY.register(watch)
-    start_http_server(port)
+    try:
+        start_http_server(port)
+    except OSError as error:  # metrics are advisory; the work is not (a port taken where pods share a host)
+        logging.getLogger(__name__).warning("not serving /metrics on port %d: %s", port, error)
+        return
     if linger_seconds > 0:
         watch.seen.wait(linger_seconds)
         atexit.register(time.sleep, linger_seconds)
