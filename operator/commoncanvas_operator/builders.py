@@ -1,8 +1,9 @@
 """Pure builders: a custom resource's spec -> the Kubernetes objects that run it (plain dicts).
 
 Sharded work (``ShardedWork``) runs as three Jobs over one job file: plan (one pod: plan the units,
-report their count), units (an Indexed Job, pod ``i`` runs unit ``i``) and finalize (one pod: merge
-indexes, write summary.json). A ScrapeJob or CaptionJob is sharded work (``{name}-plan``,
+report their count), units (an Indexed Job of W worker pods, ``completions = parallelism = W``, each
+claiming units until none is left: workers, not units, are pods; W changes in place) and finalize
+(one pod: merge indexes, write summary.json). A ScrapeJob or CaptionJob is sharded work (``{name}-plan``,
 ``{name}-units``, ``{name}-finalize``); a TrainRun runs its optional latents phase as sharded work
 (``{name}-latents-plan``...), then a headless Service and an Indexed Job for torchrun. The job file is
 the resource itself with its upstream reference replaced by the upstream's output URI, kept in the
@@ -49,6 +50,9 @@ MUTABLE_SPEC_FIELDS = frozenset({"parallelism", "suspend"})
 SCRATCH_VOLUME = "tmp"
 SCRATCH_DIR = "/tmp"
 WORKER_HOME = f"{SCRATCH_DIR}/home"
+# The model cache a node's workers share (Settings.model_cache), where one mounts.
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_DIR = "/var/cache/commoncanvas/models"
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,18 @@ def _harden(pod_spec: Obj, container: Obj, settings: Settings) -> None:
     pod_spec["volumes"].append({"name": SCRATCH_VOLUME, "emptyDir": {}})
 
 
+def _share_model_cache(pod_spec: Obj, container: Obj, settings: Settings) -> None:
+    """Mount the chart's shared model cache (``workers.modelCache``), if any: eight pods on a node
+    download a model once (commoncanvas.models serialises them with a file lock in the cache)."""
+    if not settings.model_cache:
+        return
+    pod_spec["volumes"].append({"name": MODEL_CACHE_VOLUME, **copy.deepcopy(settings.model_cache)})
+    container["volumeMounts"].append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
+    shared = {"COMMONCANVAS_MODEL_CACHE": MODEL_CACHE_DIR, "HF_HOME": f"{MODEL_CACHE_DIR}/huggingface"}
+    container["env"] = [e for e in container["env"] if e["name"] not in shared]
+    container["env"] += [{"name": name, "value": value} for name, value in shared.items()]
+
+
 def _place(pod_spec: Obj, pool: NodePool, settings: Settings) -> None:
     """Where a worker pod runs (its pool's nodeSelector and tolerations) and as which ServiceAccount."""
     if pool.node_selector:
@@ -319,8 +335,8 @@ LATENTS_PREFIX = "latents-"
 
 
 def latents_work(body: Obj, output_uri: str | None = None) -> ShardedWork:
-    """A TrainRun's latents phase as sharded work: one unit per pod, each with one GPU (none when the
-    run trains on CPUs), as many at once as the run's nodes have GPUs, on the run's node pool."""
+    """A TrainRun's latents phase as sharded work: one worker pod per GPU of the run (each with one GPU;
+    none when the run trains on CPUs), on the run's node pool."""
     from commoncanvas.specs.train import TrainRunSpec
 
     spec = TrainRunSpec.model_validate(dict(body["spec"]))
@@ -333,7 +349,7 @@ def latents_work(body: Obj, output_uri: str | None = None) -> ShardedWork:
         step_prefix=LATENTS_PREFIX,
         pool=dist.node_pool,
         gpus=1 if dist.gpus_per_node > 0 else 0,
-        parallelism=dist.max_nodes * max(dist.gpus_per_node, 1),
+        parallelism=dist.latents_workers,
         output_uri=f"{root.rstrip('/')}/{LATENTS_DIR}",
         ml_steps=frozenset(STEPS),
         suspend=bool(spec.suspend),
@@ -350,7 +366,7 @@ def sharded_pod_template(work: ShardedWork, step: str, settings: Settings) -> Ob
     units = step == "units"
     pool = settings.pool(work.pool if units else settings.control_pool)
     gpus = work.gpus if units else 0
-    action = {"plan": "prepare", "units": "unit", "finalize": "finalize"}[step]
+    action = {"plan": "prepare", "units": "work", "finalize": "finalize"}[step]
     args = [work.command, action, JOB_FILE]
     if step == "plan":
         args += ["--termination-log", TERMINATION_LOG]
@@ -392,6 +408,8 @@ def sharded_pod_template(work: ShardedWork, step: str, settings: Settings) -> Ob
         ],
     }
     _harden(pod_spec, container, settings)
+    if units:
+        _share_model_cache(pod_spec, container, settings)
     _place(pod_spec, pool, settings)
     metadata: Obj = {"labels": labels(work.kind, work.name, work.step_name(step))}
     if work.annotations and units:
@@ -400,7 +418,8 @@ def sharded_pod_template(work: ShardedWork, step: str, settings: Settings) -> Ob
 
 
 def build_sharded_job(work: ShardedWork, step: str, settings: Settings, units: int = 1) -> Obj:
-    """Job ``work.job_name(step)``; for ``units`` an Indexed Job with one completion per unit."""
+    """Job ``work.job_name(step)``; for ``units`` an elastic Indexed Job of workers: one completion per
+    worker (``completions = parallelism``, never more workers than units)."""
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; one of {STEPS}")
     job_spec: Obj = {"template": sharded_pod_template(work, step, settings)}
@@ -409,11 +428,12 @@ def build_sharded_job(work: ShardedWork, step: str, settings: Settings, units: i
     if step == "units":
         if units < 1:
             raise ValueError(f"{work.kind} {work.name}: an Indexed Job needs at least one unit, got {units}")
+        workers = max(1, min(work.parallelism, units))
         job_spec.update(
             {
                 "completionMode": "Indexed",
-                "completions": units,
-                "parallelism": max(1, min(work.parallelism, units)),
+                "completions": workers,
+                "parallelism": workers,
                 "backoffLimitPerIndex": settings.backoff_limit_per_index,
                 "podFailurePolicy": ignore_disruptions,
             }

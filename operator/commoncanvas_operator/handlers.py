@@ -106,7 +106,7 @@ async def plan_pod_message(namespace: str, job_name: str) -> str:
 
 
 async def observe_sharded(work: builders.ShardedWork, namespace: str) -> reducers.ShardedView:
-    """Sharded work's three Jobs, its plan's unit count and its unit markers."""
+    """Sharded work's three Jobs, its plan's unit count and its workers' progress (O(workers) reads)."""
     client = kube()
     jobs_path = collection_path("batch/v1", "Job", namespace)
     views = {
@@ -123,17 +123,22 @@ async def observe_sharded(work: builders.ShardedWork, namespace: str) -> reducer
             # A kubelet that does not keep the termination message: the plan itself is in the store.
             plan_units = await asyncio.to_thread(store.planned_units, work.kind, work.output_uri)
     units = views["units"]
-    markers = None
-    if units is not None and not units.complete:
-        markers = await asyncio.to_thread(store.marker_count, work.output_uri)
+    progress = None
+    if units is not None and not view_done(views):
+        progress = await asyncio.to_thread(store.worker_progress, work.output_uri)
     return reducers.ShardedView(
         plan=plan,
         plan_units=plan_units,
         plan_message=plan_message,
         units=units,
         finalize=views["finalize"],
-        markers=markers,
+        progress=progress,
     )
+
+
+def view_done(views: dict[str, reducers.JobView | None]) -> bool:
+    final = views["finalize"]
+    return final is not None and final.complete
 
 
 def sharded_job(work: builders.ShardedWork, step: str, view: reducers.ShardedView) -> Obj:

@@ -74,15 +74,16 @@ class Upstream:
 
 @dataclass(frozen=True)
 class ShardedView:
-    """What was seen of sharded work (builders.ShardedWork): its plan, units and finalize Jobs, the
-    plan's unit count (``plan_units``, None: not known yet) and the unit markers in the store."""
+    """What was seen of sharded work (builders.ShardedWork): its plan, units (workers) and finalize
+    Jobs, the plan's unit count (``plan_units``, None: not known yet) and the workers' progress totals
+    (``commoncanvas.workqueue.progress_totals``; None: not read)."""
 
     plan: JobView | None = None
     plan_units: int | None = None
     plan_message: str = ""
     units: JobView | None = None
     finalize: JobView | None = None
-    markers: int | None = None
+    progress: Obj | None = None
 
     @property
     def done(self) -> bool:
@@ -201,16 +202,29 @@ def _gate_on_upstream(upstream: Any, refused: list[Obj]) -> tuple[str | None, li
 
 
 def unit_counts(view: ShardedView, previous: Obj) -> Obj:
-    """``{total, succeeded, failed}`` units of sharded work, from its Jobs and markers (``previous``:
-    the counts last reported, for the total while the plan pod's message is not read again)."""
-    total = view.plan_units if view.plan_units is not None else (previous or {}).get("total", 0)
-    units = view.units
-    succeeded = count_indexes(units.completed_indexes) if units else 0
-    if view.markers is not None:
-        succeeded = max(succeeded, view.markers)
+    """``{total, succeeded, failed}`` units of sharded work from its workers' progress (``previous``:
+    the counts last reported, kept while nothing newer was read). ``failed``: units whose last attempt
+    failed and that no attempt has published yet."""
+    previous = previous or {}
+    total = view.plan_units if view.plan_units is not None else previous.get("total", 0)
+    progress = view.progress
+    if progress is None:
+        succeeded, failed = int(previous.get("succeeded") or 0), int(previous.get("failed") or 0)
+    else:
+        succeeded, failed = int(progress["unitsDone"]), len(progress.get("failedUnits") or {})
+    if view.done:
+        succeeded, failed = total, 0
     succeeded = min(succeeded, total) if total else succeeded
-    failed = count_indexes(units.failed_indexes) if units else 0
     return {"total": total, "succeeded": succeeded, "failed": failed}
+
+
+def worker_counts(view: ShardedView, previous: Obj, summary: Obj | None = None) -> Obj:
+    """``workers`` and ``modelLoads`` (model loads equal workers, not units) and the live rate."""
+    source = summary if summary and "workers" in summary else view.progress
+    counts: Obj = {k: previous[k] for k in ("workers", "modelLoads") if k in previous}
+    if source:
+        counts.update(workers=int(source.get("workers") or 0), modelLoads=int(source.get("modelLoads") or 0))
+    return counts
 
 
 def reduce_stage(kind: str, output_uri: str, observed: Observed) -> Obj:
@@ -233,9 +247,13 @@ def reduce_stage(kind: str, output_uri: str, observed: Observed) -> Obj:
     if phase in TERMINAL:
         status["completionTime"] = previous.get("completionTime") or observed.now
     status.update(_counts_from_summary(kind, observed.summary, output_uri))
+    status.update(worker_counts(observed.work, previous, observed.summary))
     rate = _images_per_second(observed.summary, start, status.get("completionTime", ""))
+    live = (observed.work.progress or {}).get("imagesPerSecond")
     if rate is not None:
         status["imagesPerSecond"] = rate
+    elif live:
+        status["imagesPerSecond"] = live
     return status
 
 
@@ -301,9 +319,12 @@ def sharded_phase(view: ShardedView, counts: Obj, prefix: str = "") -> tuple[str
             progress = f"{counts['succeeded']}/{counts['total']} units"
             return "Running", [*conditions, _condition(f"{prefix}UnitsComplete", False, "Running", progress)]
         if units.failed:
+            given_up = (view.progress or {}).get("failedUnits") or {}
+            first = next(iter(given_up.items()), None)
             message = (
-                f"{count_indexes(units.failed_indexes)} of {view.plan_units} units failed"
-                + (f" (indexes {units.failed_indexes})" if units.failed_indexes else "")
+                f"{len(given_up)} of {view.plan_units} units failed"
+                + (f" (units {','.join(list(given_up)[:20])}; unit {first[0]}: {first[1]})" if first else "")
+                + f"; workers failed (indexes {units.failed_indexes or '?'})"
                 + (f": {units.message}" if units.message else "")
             )
             reason = units.reason or "UnitsFailed"
@@ -402,6 +423,7 @@ def reduce_train(output_uri: str, observed: TrainObserved) -> Obj:
     if latents is not None and counts is not None:
         # The latents phase's units; until it is done, they are the run's progress too.
         status["units"] = counts
+        status.update(worker_counts(latents, previous))
         if not latents.done and observed.job is None:
             status["progress"] = f"latents {counts['succeeded']}/{counts['total']}"
     written = observed.train_status or {}

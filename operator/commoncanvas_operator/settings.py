@@ -76,6 +76,9 @@ class Settings:
     worker_pod_security_context: dict[str, Any] = field(default_factory=default_pod_security_context)
     worker_security_context: dict[str, Any] = field(default_factory=default_security_context)
     worker_resources: dict[str, Any] = field(default_factory=dict)
+    # A Kubernetes volume source for the model cache the workers of a node share (a PVC, or hostPath
+    # where Pod Security allows it); empty: each pod caches under its own /tmp emptyDir.
+    model_cache: dict[str, Any] = field(default_factory=dict)
     backoff_limit_per_index: int = 2
     metrics_port: int = 9400
     # Workers keep /metrics up this long after their work (METRICS_LINGER_SECONDS in their pods).
@@ -106,6 +109,7 @@ class Settings:
             "workerPodSecurityContext": "worker_pod_security_context",
             "workerSecurityContext": "worker_security_context",
             "workerResources": "worker_resources",
+            "modelCache": "model_cache",
             "backoffLimitPerIndex": "backoff_limit_per_index",
             "metricsPort": "metrics_port",
             "metricsLingerSeconds": "metrics_linger_seconds",
@@ -119,7 +123,7 @@ class Settings:
                 f"unknown operator settings {sorted(unknown)}; known: {sorted([*names, 'pools'])}"
             )
         kwargs: dict[str, Any] = {names[key]: value for key, value in data.items() if key in names}
-        for key in ("workerPodSecurityContext", "workerSecurityContext", "workerResources"):
+        for key in ("workerPodSecurityContext", "workerSecurityContext", "workerResources", "modelCache"):
             if key not in data:
                 continue
             # null (a chart value set to null) is none, as {} is; absent is the default.

@@ -1,5 +1,5 @@
-"""What the operator reads from an output root: the plan's unit count, unit markers, summary.json of sharded
-work (a stage, a TrainRun's latents phase), and a TrainRun's status.json.
+"""What the operator reads from an output root: the plan's unit count, the workers' progress, summary.json of
+sharded work (a stage, a TrainRun's latents phase), and a TrainRun's status.json.
 
 Every read is best-effort: an unreachable or empty store yields None and the Job status decides alone.
 """
@@ -10,7 +10,7 @@ import json
 import logging
 from typing import Any
 
-from commoncanvas import units
+from commoncanvas import units, workqueue
 from commoncanvas.storage import open_storage
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,12 @@ def planned_units(kind: str, output_uri: str) -> int | None:
         return None
 
 
-def marker_count(output_uri: str) -> int | None:
+def worker_progress(output_uri: str) -> dict[str, Any] | None:
+    """The workers' progress totals (workqueue.progress_totals): W small objects, not U markers."""
     try:
-        return len(units.done_units(open_storage(output_uri)))
+        return workqueue.progress_totals(workqueue.read_progress(open_storage(output_uri)))
     except Exception as error:
-        log.warning("counting unit markers under %s: %s", output_uri, error)
+        log.warning("reading worker progress under %s: %s", output_uri, error)
         return None
 
 

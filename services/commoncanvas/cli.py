@@ -26,6 +26,7 @@ class _UserErrors(click.Group):
         from commoncanvas.metadata import MetadataError
         from commoncanvas.runner import UnitsFailed
         from commoncanvas.storage import StorageError
+        from commoncanvas.workqueue import UnitsGivenUp
 
         try:
             return super().invoke(ctx)
@@ -33,6 +34,7 @@ class _UserErrors(click.Group):
             SpecError,
             MetadataError,
             UnitsFailed,
+            UnitsGivenUp,
             InputMissing,
             StorageError,
             LookupError,
@@ -75,11 +77,11 @@ def scrape() -> None:
     "--metadata", "metadata", required=True, help="YFCC100M TSV (plain/bz2/gz) or SQLite; path or s3://"
 )
 @click.option("--output", required=True, help="Directory (or s3:// prefix) for the plan")
-@click.option("--unit-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--unit-size", default=None, type=click.IntRange(min=1), help="Default: the spec's unitSize")
 @click.option(
     "--allow", multiple=True, help="License code to keep (repeatable); default: all allowing derivatives"
 )
-def scrape_plan(metadata: str, output: str, unit_size: int, allow: tuple[str, ...]) -> None:
+def scrape_plan(metadata: str, output: str, unit_size: int | None, allow: tuple[str, ...]) -> None:
     """Plan a scrape: prints one JSON object with counts per split and exclusions by reason."""
     from pydantic import ValidationError
 
@@ -89,7 +91,9 @@ def scrape_plan(metadata: str, output: str, unit_size: int, allow: tuple[str, ..
     from commoncanvas.specs.scrape import ScrapeJobSpec
     from commoncanvas.storage import open_storage
 
-    body: dict[str, object] = {"source": {"uri": metadata}, "output": {"uri": output}, "unitSize": unit_size}
+    body: dict[str, object] = {"source": {"uri": metadata}, "output": {"uri": output}}
+    if unit_size is not None:
+        body["unitSize"] = unit_size
     if allow:
         body["licenses"] = {"allow": list(allow)}
     try:
@@ -110,16 +114,34 @@ def _load_one(file: Path, kind: str) -> Any:
     return found[0]
 
 
-def _unit_index(unit: int | None) -> int:
-    if unit is not None:
-        return unit
-    if "JOB_COMPLETION_INDEX" not in os.environ:
-        raise click.ClickException("give --unit N or set JOB_COMPLETION_INDEX")
-    return int(os.environ["JOB_COMPLETION_INDEX"])
-
-
 _FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-_UNIT = click.option("--unit", type=int, default=None, help="Unit index (default: $JOB_COMPLETION_INDEX)")
+_WORKER = click.option(
+    "--worker",
+    "worker",
+    type=click.IntRange(min=0),
+    default=lambda: int(os.environ.get("JOB_COMPLETION_INDEX") or 0),
+    help="This worker's index among the stage's workers (default: $JOB_COMPLETION_INDEX, else 0)",
+)
+
+
+def _work(make_stage: Any, stage: str, workers: int, gpus: int, worker: int, metrics_port: int) -> None:
+    """A pod's part of a stage: one worker per GPU (one on CPU), each claiming units until none is left."""
+    from commoncanvas import metrics
+    from commoncanvas.workqueue import Identity, run_replicas, visible_devices
+
+    metrics.serve(metrics_port, stage=stage)
+    reports = run_replicas(make_stage, Identity(worker, workers), visible_devices(gpus))
+    _echo_json(
+        {
+            "stage": stage,
+            "replicas": len(reports),
+            "units": sum(r["units"] for r in reports),
+            "written": sum(r["written"] for r in reports),
+            "modelLoads": sum(r["modelLoads"] for r in reports),
+        }
+    )
+
+
 _METRICS_PORT = click.option(
     "--metrics-port",
     type=int,
@@ -143,18 +165,19 @@ def _report_units(count: int, termination_log: Path | None) -> None:
     click.echo(body)
 
 
-@scrape.command("unit")
+@scrape.command("work")
 @_FILE
-@_UNIT
+@_WORKER
 @_METRICS_PORT
-def scrape_unit(file: Path, unit: int | None, metrics_port: int) -> None:
-    """Run one work unit of the ScrapeJob in FILE (what a pod of the Indexed Job runs)."""
-    from commoncanvas import metrics
-    from commoncanvas.scrape.worker import STAGE, run_unit
+def scrape_work(file: Path, worker: int, metrics_port: int) -> None:
+    """Be one worker of the ScrapeJob in FILE: claim and fetch units until none is left (a pod of the
+    stage's Indexed Job runs this)."""
+    from functools import partial
 
-    metrics.serve(metrics_port, stage=STAGE)
-    stats = run_unit(_load_one(file, "ScrapeJob").spec, _unit_index(unit))
-    _echo_json({k: v for k, v in stats.items() if k != "failures"})
+    from commoncanvas.scrape.worker import STAGE, ScrapeStage
+
+    spec = _load_one(file, "ScrapeJob").spec
+    _work(partial(ScrapeStage, spec), STAGE, spec.parallelism, 0, worker, metrics_port)
 
 
 @scrape.command("prepare")
@@ -182,18 +205,19 @@ def caption() -> None:
     """The CaptionJob stage, step by step."""
 
 
-@caption.command("unit")
+@caption.command("work")
 @_FILE
-@_UNIT
+@_WORKER
 @_METRICS_PORT
-def caption_unit(file: Path, unit: int | None, metrics_port: int) -> None:
-    """Caption one work unit of the CaptionJob in FILE (input.uris must be resolved)."""
-    from commoncanvas import metrics
-    from commoncanvas.caption.worker import STAGE, run_unit
+def caption_work(file: Path, worker: int, metrics_port: int) -> None:
+    """Be one worker of the CaptionJob in FILE (input.uris resolved): BLIP-2 loaded once per GPU,
+    then units claimed and captioned until none is left."""
+    from functools import partial
 
-    metrics.serve(metrics_port, stage=STAGE)
-    stats = run_unit(_load_one(file, "CaptionJob").spec, _unit_index(unit))
-    _echo_json({k: v for k, v in stats.items() if k != "failures"})
+    from commoncanvas.caption.worker import STAGE, CaptionStage
+
+    spec = _load_one(file, "CaptionJob").spec
+    _work(partial(CaptionStage, spec), STAGE, spec.parallelism, spec.gpus_per_pod, worker, metrics_port)
 
 
 @caption.command("prepare")
@@ -222,20 +246,22 @@ def latents() -> None:
     """The TrainRun's latents phase (optimizations.precomputeLatents), step by step."""
 
 
-@latents.command("unit")
+@latents.command("work")
 @_FILE
-@_UNIT
+@_WORKER
 @_METRICS_PORT
-def latents_unit(file: Path, unit: int | None, metrics_port: int) -> None:
-    """Encode one work unit of the TrainRun in FILE to VAE and text latents (dataset.uris resolved)."""
-    from commoncanvas import metrics
-    from commoncanvas.train.latents import STAGE, run_unit
+def latents_work(file: Path, worker: int, metrics_port: int) -> None:
+    """Be one worker of the TrainRun's latents phase in FILE (dataset.uris resolved): the encoders
+    loaded once, then units claimed and encoded until none is left."""
+    from functools import partial
 
-    metrics.serve(metrics_port, stage=STAGE)
+    from commoncanvas.train.latents import STAGE, LatentsStage
+
     spec = _load_one(file, "TrainRun").spec
-    # A pod runs one unit: its DataLoader processes (decode, resize) are the run's dataset.loaderWorkers.
-    stats = run_unit(spec, _unit_index(unit), loader_workers=spec.dataset.loader_workers)
-    _echo_json({k: v for k, v in stats.items() if k != "failures"})
+    # A pod's DataLoader processes (decode, resize) are the run's dataset.loaderWorkers.
+    make = partial(LatentsStage, spec, None, None, spec.dataset.loader_workers)
+    gpus = 1 if spec.distributed.gpus_per_node else 0
+    _work(make, STAGE, spec.distributed.latents_workers, gpus, worker, metrics_port)
 
 
 @latents.command("prepare")

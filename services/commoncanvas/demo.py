@@ -27,7 +27,15 @@ def scrape_job(name: str, metadata: Path, output: Path, base_url: str) -> dict[s
         "spec": {
             "source": {"uri": str(metadata)},
             "output": {"uri": str(output)},
-            "fetch": {**url_templates(base_url), "concurrency": 16, "retries": 1, "backoffSeconds": 0.1},
+            "fetch": {
+                **url_templates(base_url),
+                "concurrency": 16,
+                "retries": 1,
+                "backoffSeconds": 0.1,
+                # The sample server is on loopback, which a ScrapeJob refuses unless told otherwise.
+                "allowPrivateNetworks": True,
+                "allowedHosts": ["127.0.0.1"],
+            },
             "unitSize": 8,
             "parallelism": 2,
         },
@@ -48,6 +56,8 @@ def caption_job(name: str, scrape_name: str, output: Path, model: Path) -> dict[
             "decoding": {"maxNewTokens": 12, "minNewTokens": 4, "noRepeatNgramSize": 2},
             "batchSize": 8,
             "loaderWorkers": 1,
+            # Small units, so the demo shows workers pulling several units each (default: 8,192).
+            "samplesPerUnit": 4,
             "parallelism": 2,
         },
     }
@@ -110,6 +120,7 @@ def main(out: Path = Path("demo-output")) -> None:
         scraped, captioned, trained = run_file(pipeline)
     show_catalog(scraped)
     show_captions(captioned)
+    show_workers({"scrape": scraped, "caption": captioned, "latents": latents_summary(out)})
     image = generate(out / "model" / "pipeline", "a photo of a rocket launch", out / "generated.png")
     console.print("Outputs:")
     for stage, summary in (("catalog", scraped), ("captions", captioned)):
@@ -140,6 +151,22 @@ def generate(pipeline_dir: Path, prompt: str, target: Path) -> Path:
     result = pipe(prompt, num_inference_steps=4, height=64, width=64, generator=generator)
     result.images[0].save(target)
     return target
+
+
+def latents_summary(out: Path) -> dict[str, object]:
+    path = out / "model" / "latents" / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def show_workers(summaries: dict[str, dict[str, object]]) -> None:
+    """Workers, not units, are pods (or processes here): each loads its model once."""
+    console.print("Workers:")
+    for stage, summary in summaries.items():
+        if summary:
+            console.print(
+                f"  {stage:>8}: {summary.get('units')} units by {summary.get('workers')} workers, "
+                f"{summary.get('modelLoads')} model loads"
+            )
 
 
 def show_catalog(summary: dict[str, object]) -> None:

@@ -1,85 +1,26 @@
 """The embedded default: run custom resources from a YAML file on this machine, no cluster needed.
 
-Every stage runs the same way: plan its units once, run the unfinished ones in a process pool (the
-same function a pod of the Indexed Job runs), then merge.  Units that fail keep nothing; the others
-keep their markers, so a rerun does only what is left.
+Every stage runs the same way: plan its units once, run `parallelism` worker processes that claim
+and run units (the same loop a pod of the stage's Indexed Job runs, `workqueue`), then merge. Units
+that fail keep nothing; the others keep their markers, so a rerun does only what is left.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from commoncanvas import units
+from commoncanvas.pool import UnitsFailed as UnitsFailed  # where the CLI and tests import it
+from commoncanvas.pool import local_processes, run_workers
 from commoncanvas.specs import KINDS, CaptionJob, ScrapeJob, TrainRun, load_resources
 
 console = Console(stderr=True)
-# Light modules only: a model stage's workers import torch themselves, once per worker process.
-WORKER_MODULES = ["commoncanvas.scrape.worker"]
-
-
-class UnitsFailed(RuntimeError):
-    """Some units raised; the others finished and kept their markers, so a rerun does only these."""
-
-
-def local_processes(parallelism: int) -> int:
-    return max(1, min(parallelism, os.cpu_count() or 1))
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Fork workers from a clean server that imported the scrape worker once: no inherited boto3
-    clients or event loops, and no import cost per unit."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_MODULES)
-    return context
-
-
-def run_units(
-    label: str,
-    total: int,
-    done: set[int],
-    run_unit: Callable[[int], dict[str, Any]],
-    processes: int,
-    show_progress: bool,
-) -> None:
-    todo = [u for u in range(total) if u not in done]
-    errors: dict[int, str] = {}
-    columns = (
-        TextColumn(f"[bold]{label}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("units  {task.fields[samples]} samples"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, disable=not show_progress) as progress:
-        task = progress.add_task("units", total=total, completed=len(done), samples=0)
-        with ProcessPoolExecutor(processes, mp_context=worker_context()) as pool:
-            pending: dict[Future[dict[str, Any]], int] = {pool.submit(run_unit, u): u for u in todo}
-            written = 0
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    unit = pending.pop(future)
-                    try:
-                        written += future.result()["written"]
-                    except Exception as exc:
-                        errors[unit] = f"{type(exc).__name__}: {exc}"
-                    progress.update(task, advance=1, samples=written)
-    if errors:
-        listing = "\n".join(f"  unit {u}: {e}" for u, e in sorted(errors.items()))
-        raise UnitsFailed(
-            f"{label}: {len(errors)} of {total} units failed (rerun to retry only those):\n{listing}"
-        )
 
 
 @dataclass(frozen=True)
@@ -114,11 +55,11 @@ class LocalRun:
 
         layout = worker.layout_of(job.spec)
         plan = worker.ensure_plan(job.spec, layout)
-        run_units(
+        run_workers(
             f"{job.metadata.name} scrape",
+            layout.output,
             plan["units"],
-            units.done_units(layout.output),
-            partial(worker.run_unit, job.spec),
+            partial(worker.ScrapeStage, job.spec),
             local_processes(job.spec.parallelism),
             self.show_progress,
         )
@@ -131,12 +72,11 @@ class LocalRun:
         resolve = self.references("ScrapeJob", f"CaptionJob {job.metadata.name!r}")
         layout = unitplan.CaptionLayout.at(job.spec.output.uri)
         plan = unitplan.ensure_caption_plan(job.spec, layout, resolve)
-        total = len(unitplan.read_caption_units(plan))
-        run_units(
+        run_workers(
             f"{job.metadata.name} caption",
-            total,
-            units.done_units(layout.output),
-            partial(worker.run_unit, job.spec, resolve_ref=resolve),
+            layout.output,
+            len(unitplan.read_caption_units(plan)),
+            partial(worker.CaptionStage, job.spec, resolve),
             local_processes(job.spec.parallelism),
             self.show_progress,
         )

@@ -1,9 +1,10 @@
 """Work units over another stage's output: groups of its MDS shards per split, planned once.
 
 The stages that read a finished stage's output (caption reads the scrape catalog, latents reads the
-captioned dataset) plan the same way: each unit is `shards_per_unit` consecutive shards of one split's
-`index.json`, and the plan is frozen under the stage's `_plan/units.json` with a hash of what it was
-planned from, so reruns see the same units even if the input grows. Torch-free on purpose: the plan
+captioned dataset) plan the same way: each unit is consecutive shards of one split's `index.json`
+holding at least `samples_per_unit` samples between them (the last unit of a split may hold fewer;
+a unit never splits a shard), and the plan is frozen under the stage's `_plan/units.json` with a hash
+of what it was planned from, so reruns see the same units even if the input grows. Torch-free on purpose: the plan
 and finalize pods run in the CPU image.
 """
 
@@ -55,7 +56,7 @@ class ShardInput:
     ref: str | None
     uris: Sequence[str]
     splits: Sequence[str]
-    shards_per_unit: int
+    samples_per_unit: int
 
 
 def input_roots(source: ShardInput, resolve_ref: Callable[[str], str] | None) -> list[tuple[str, str]]:
@@ -85,8 +86,7 @@ def plan_units(source: ShardInput, resolve_ref: Callable[[str], str] | None) -> 
                 )
             # A shard with no samples (MDSWriter can leave one) would make an empty, unreadable unit.
             shards = [s for s in json.loads(storage.read_text("index.json"))["shards"] if s["samples"]]
-            for start in range(0, len(shards), source.shards_per_unit):
-                group = shards[start : start + source.shards_per_unit]
+            for group in group_shards(shards, source.samples_per_unit):
                 columns = dict(zip(group[0]["column_names"], group[0]["column_encodings"], strict=True))
                 if any(name not in columns for name in upstream.required_columns):
                     missing = "/".join(upstream.required_columns)
@@ -95,12 +95,27 @@ def plan_units(source: ShardInput, resolve_ref: Callable[[str], str] | None) -> 
     return planned
 
 
+def group_shards(shards: list[dict[str, Any]], samples_per_unit: int) -> list[list[dict[str, Any]]]:
+    """Consecutive shards, cut as soon as a group holds `samples_per_unit` samples."""
+    groups: list[list[dict[str, Any]]] = []
+    group: list[dict[str, Any]] = []
+    samples = 0
+    for shard in shards:
+        group.append(shard)
+        samples += int(shard["samples"])
+        if samples >= samples_per_unit:
+            groups.append(group)
+            group, samples = [], 0
+    if group:
+        groups.append(group)
+    return groups
+
+
 def plan_hash(source: ShardInput, roots: list[tuple[str, str]], settings: dict[str, Any]) -> str:
-    # The keys are the ones plans were first hashed with: changing them would refuse every stored plan.
     relevant = {
         "roots": [root for root, _ in roots],
         "splits": list(source.splits),
-        "per_unit": source.shards_per_unit,
+        "samples_per_unit": source.samples_per_unit,
         **settings,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -20,6 +20,12 @@ from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+# Files a stage writes are read by other processes and users: honour the umask like any other file
+# (tempfile's private 0600 would leave a shared output unreadable).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 class StorageError(RuntimeError):
     """The object store could not be reached or refused the request; the message says which URI."""
@@ -40,6 +46,11 @@ class Storage(ABC):
     @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None:
         """Atomic: readers see the old object or the new one, never a part."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `key` only if it does not exist yet, atomically; False when it already did. The one
+        primitive behind claims and markers: of two writers racing for a key, exactly one wins."""
 
     @abstractmethod
     def upload_file(self, key: str, path: Path) -> None: ...
@@ -96,7 +107,24 @@ class LocalStorage(Storage):
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
             tmp.write(data)
+        os.chmod(tmp.name, _FILE_MODE)
         os.replace(tmp.name, target)
+
+    def create(self, key: str, data: bytes) -> bool:
+        # Write a temporary file, then link it into place: link(2) fails if the target exists (O_EXCL's
+        # guarantee) and readers never see a partial file.
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+            tmp.write(data)
+        try:
+            os.chmod(tmp.name, _FILE_MODE)
+            os.link(tmp.name, target)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp.name)
+        return True
 
     def upload_file(self, key: str, path: Path) -> None:
         target = self._path(key)
@@ -181,6 +209,22 @@ class S3Storage(Storage):
     def write_bytes(self, key: str, data: bytes) -> None:
         # A single PUT is atomic in S3: readers never see a partial object.
         self._call("writing", key, s3_client().put_object, Key=self._key(key), Body=data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        # A conditional PUT (If-None-Match: *), which AWS S3 and MinIO honour: 412 when the key exists.
+        # 409 is a concurrent conditional write to the same key still in flight: the other writer wins.
+        try:
+            s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            raise StorageError(f"creating {self.url(key)} failed: {code or exc}") from exc
+        except BotoCoreError as exc:
+            endpoint = os.environ.get("S3_ENDPOINT_URL", "the default AWS endpoint")
+            raise StorageError(f"creating {self.url(key)} failed: cannot reach {endpoint} ({exc})") from exc
+        return True
 
     def upload_file(self, key: str, path: Path) -> None:
         # boto3's transfer manager: multipart above 8 MB, so objects beyond a single PUT's 5 GB work.

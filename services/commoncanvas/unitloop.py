@@ -2,10 +2,12 @@
 
 The loop is the same for both; only the model step differs, and stays in the stage:
 
-    with unit_work(STAGE, layout.output, unit) as work:   # clears an earlier try, stages the output
+    with unit_work(STAGE, layout.output, unit, attempt) as work:  # stages the attempt's output
         for batch in work.batches(to_pixels, batch_size, workers):
             ...                                           # the model; work.write(row), work.record(...)
-    return work.finish("captioned", **stage_stats)        # published by now: the marker, then metrics
+    return work.finish(**stage_stats)   # uploaded by now; the stats the worker publishes as the marker
+
+The model itself is loaded once per worker, by the stage's `StageWorker` (workqueue), not here.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class UnitWork:
     stage: str
     output: Storage
     unit: ShardGroupUnit
+    attempt: int
     started: float
     dataset: Any
     staging: Path
@@ -122,9 +125,9 @@ class UnitWork:
         else:
             self.licenses[str(row.get("license_code", ""))] += 1
 
-    def finish(self, verb: str, **stage_stats: Any) -> dict[str, Any]:
-        """After `unit_work` has published the output: write the marker with the unit's stats (plus the
-        stage's own) and record the unit finished."""
+    def finish(self, **stage_stats: Any) -> dict[str, Any]:
+        """After `unit_work` has uploaded the output: the attempt's stats (plus the stage's own), which
+        the worker publishes as the unit's marker."""
         seconds = time.perf_counter() - self.started
         assert sum(self.outcomes.values()) == len(self.dataset), "every input sample must have an outcome"
         stats = {
@@ -138,33 +141,21 @@ class UnitWork:
             **stage_stats,
             "failures": self.failures,
         }
-        units.finish_unit(self.output, self.unit.unit, stats)
-        metrics.unit_finished(self.stage, self.outcomes["ok"], seconds)
-        log.info(
-            "%s unit %d (%s): %d/%d %s in %.1fs",
-            self.stage,
-            self.unit.unit,
-            self.unit.split,
-            self.outcomes["ok"],
-            len(self.dataset),
-            verb,
-            seconds,
-        )
         return stats
 
 
 @contextmanager
-def unit_work(stage: str, output: Storage, unit: ShardGroupUnit) -> Iterator[UnitWork]:
-    """Clear what an earlier try of the unit left, open its input shards and stage its output in a
-    scratch dir (or in place); on leaving, finish the writer and publish when any sample was written."""
-    units.begin_unit(output, [unit.split], unit.unit)
+def unit_work(stage: str, output: Storage, unit: ShardGroupUnit, attempt: int) -> Iterator[UnitWork]:
+    """Open the unit's input shards and stage the attempt's output in a scratch dir (or in place);
+    on leaving, finish the writer and upload when any sample was written."""
+    units.begin_attempt(output, [unit.split], unit.unit, attempt)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"commoncanvas-{stage}-{unit.unit:06d}-") as tmp:
         dataset = shards_dataset(unit.split_root, unit.shards, Path(tmp) / "input")
-        staging = units.staging_dir(output, unit.split, unit.unit, Path(tmp) / "output")
-        work = UnitWork(stage, output, unit, started, dataset, staging)
+        staging = units.staging_dir(output, unit.split, unit.unit, attempt, Path(tmp) / "output")
+        work = UnitWork(stage, output, unit, attempt, started, dataset, staging)
         yield work
         if work.writer is not None:
             work.writer.finish()
         if work.outcomes["ok"]:
-            units.publish_unit(output, unit.split, unit.unit, staging)
+            units.upload_attempt(output, unit.split, unit.unit, attempt, staging)

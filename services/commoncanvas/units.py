@@ -1,9 +1,12 @@
 """Work units: the one mechanism behind resume, idempotency, progress and exactly-once samples.
 
-Unit `i` writes only under `{split}/unit-{i:06d}/` of its stage's output root and, once everything
-else is written, the marker `_units/{i:06d}.json` with its stats.  A unit with a marker is done.
-Once all units are done, `merge_split_index` writes `{split}/index.json` over the units' MDS shards so
-`streaming.StreamingDataset(remote=ROOT/{split})` reads the split directly.
+Attempt `a` of unit `i` writes only under `{split}/unit-{i:06d}/a{a:03d}/` of its stage's output root
+and, once everything else is written, creates the marker `_units/{i:06d}.json` (its stats and which
+attempt won) with a conditional create: of two attempts of one unit (a worker presumed dead and the
+one that took its claim over), exactly one publishes; the other removes its own files. A unit with a
+marker is done. Once all units are done, `summarize` writes `{split}/index.json` over the winning
+attempts' MDS shards, so `streaming.StreamingDataset(remote=ROOT/{split})` reads the split directly,
+and removes what losing attempts left. Who runs which unit is `workqueue`'s business.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def unit_dir(split: str, unit: int) -> str:
     return f"{split}/unit-{unit:06d}"
 
 
+def attempt_dir(split: str, unit: int, attempt: int | None) -> str:
+    """Where one attempt of a unit writes (None: a unit published before attempts existed)."""
+    return unit_dir(split, unit) if attempt is None else f"{unit_dir(split, unit)}/a{attempt:03d}"
+
+
 def marker_key(unit: int) -> str:
     return f"{MARKERS}/{unit:06d}.json"
 
@@ -61,48 +69,84 @@ def read_markers(storage: Storage) -> dict[int, dict[str, Any]]:
     return {unit: read_marker(storage, unit) for unit in sorted(done_units(storage))}
 
 
-def begin_unit(storage: Storage, splits: Iterable[str], unit: int) -> None:
-    """Clear whatever an interrupted earlier attempt left, so a rerun never duplicates a sample."""
+def begin_attempt(storage: Storage, splits: Iterable[str], unit: int, attempt: int | None) -> None:
+    """Clear whatever an interrupted earlier run of this very attempt left (its prefix is its own)."""
     for split in splits:
-        storage.delete_prefix(unit_dir(split, unit))
+        storage.delete_prefix(attempt_dir(split, unit, attempt))
 
 
-def staging_dir(storage: Storage, split: str, unit: int, scratch: Path) -> Path:
-    """Where a unit writes its MDS: in place when the output is a local directory (nothing to copy:
-    without a marker the unit is invisible, and a rerun clears it), else a scratch dir to upload."""
-    in_place = storage.local_path(unit_dir(split, unit))
+def staging_dir(storage: Storage, split: str, unit: int, attempt: int | None, scratch: Path) -> Path:
+    """Where an attempt writes its MDS: in place when the output is a local directory (nothing to copy:
+    without a marker the attempt is invisible), else a scratch dir to upload."""
+    in_place = storage.local_path(attempt_dir(split, unit, attempt))
     return in_place if in_place is not None else scratch / split
 
 
-def publish_unit(storage: Storage, split: str, unit: int, local_mds: Path) -> None:
-    """Upload a finished local MDS directory; index.json last so a unit is never half-visible."""
-    if storage.local_path(unit_dir(split, unit)) == local_mds:
+def upload_attempt(storage: Storage, split: str, unit: int, attempt: int | None, local_mds: Path) -> None:
+    """Upload a finished local MDS directory under the attempt's own prefix (no-op when in place)."""
+    prefix = attempt_dir(split, unit, attempt)
+    if storage.local_path(prefix) == local_mds:
         return  # written in place
-    files = sorted(p for p in local_mds.rglob("*") if p.is_file())
-    index = [p for p in files if p.name == "index.json"]
-    for path in [p for p in files if p.name != "index.json"] + index:
-        storage.upload_file(f"{unit_dir(split, unit)}/{path.relative_to(local_mds).as_posix()}", path)
+    for path in sorted(p for p in local_mds.rglob("*") if p.is_file()):
+        storage.upload_file(f"{prefix}/{path.relative_to(local_mds).as_posix()}", path)
+
+
+def publish_marker(storage: Storage, unit: int, stats: dict[str, Any]) -> bool:
+    """Publish a finished attempt: True when its marker was created, False when another attempt of
+    the unit had already published (this one's files are then removed: it never becomes visible)."""
+    if storage.create(marker_key(unit), json.dumps(stats, indent=1, sort_keys=True).encode()):
+        return True
+    # A create retried after its response was lost finds its own marker: that is a success.
+    existing = read_marker(storage, unit)
+    if (existing.get("attempt"), existing.get("worker")) == (stats.get("attempt"), stats.get("worker")):
+        return True
+    attempt = stats.get("attempt")
+    if attempt is not None:
+        begin_attempt(storage, [str(stats["split"])], unit, int(attempt))
+    return False
 
 
 def finish_unit(storage: Storage, unit: int, stats: dict[str, Any]) -> None:
+    """Write a marker unconditionally (tests and benchmarks that stand in for a unit)."""
     storage.write_text(marker_key(unit), json.dumps(stats, indent=1, sort_keys=True))
 
 
-def merge_split_index(storage: Storage, split: str, units: Iterable[int]) -> int:
-    """Write `{split}/index.json` listing every unit's shards in unit order; returns the sample count."""
+def winning_prefix(split: str, unit: int, marker: dict[str, Any]) -> str:
+    attempt = marker.get("attempt")
+    return attempt_dir(split, unit, None if attempt is None else int(attempt))
+
+
+def merge_split_index(storage: Storage, split: str, markers: dict[int, dict[str, Any]]) -> int:
+    """Write `{split}/index.json` listing the winning attempts' shards in unit order; returns the
+    sample count. Only what the markers point at is read."""
     shards: list[dict[str, Any]] = []
-    for unit in sorted(units):
-        key = f"{unit_dir(split, unit)}/index.json"
-        if not storage.exists(key):
+    for unit in sorted(markers):
+        prefix = winning_prefix(split, unit, markers[unit])
+        key = f"{prefix}/index.json"
+        if markers[unit].get("written") == 0 or not storage.exists(key):
             continue  # the unit had no sample of this split
         index = json.loads(storage.read_text(key))
+        relative = prefix.removeprefix(f"{split}/")
         for shard in index["shards"]:
             for part in ("raw_data", "zip_data"):
                 if shard.get(part):
-                    shard[part]["basename"] = f"unit-{unit:06d}/{shard[part]['basename']}"
+                    shard[part]["basename"] = f"{relative}/{shard[part]['basename']}"
             shards.append(shard)
     storage.write_text(f"{split}/index.json", json.dumps({"version": 2, "shards": shards}))
     return sum(int(shard["samples"]) for shard in shards)
+
+
+def remove_losers(storage: Storage, split: str, markers: dict[int, dict[str, Any]]) -> int:
+    """Delete what attempts that did not win left under `{split}/` (one listing of the split)."""
+    keep = {f"{winning_prefix(split, unit, marker)}/" for unit, marker in markers.items()}
+    doomed: set[str] = set()
+    for key in storage.list(split):
+        parts = key.split("/")
+        if len(parts) >= 4 and parts[1].startswith("unit-") and parts[2].startswith("a"):
+            prefix = "/".join(parts[:3]) + "/"
+            if prefix not in keep:
+                doomed.add(prefix)
+    return sum(storage.delete_prefix(prefix) for prefix in sorted(doomed))
 
 
 def summarize(layout: StageLayout, unit_splits: dict[int, str]) -> dict[str, Any]:
@@ -113,18 +157,23 @@ def summarize(layout: StageLayout, unit_splits: dict[int, str]) -> dict[str, Any
         raise RuntimeError(f"{len(missing)} units have no marker yet (first: {missing[:5]}); rerun to finish")
     samples: dict[str, int] = {}
     for split in sorted(set(unit_splits.values())):
-        samples[split] = merge_split_index(
-            layout.output, split, [u for u, s in unit_splits.items() if s == split]
-        )
+        split_markers = {u: markers[u] for u, s in unit_splits.items() if s == split}
+        samples[split] = merge_split_index(layout.output, split, split_markers)
+        remove_losers(layout.output, split, split_markers)
     licenses: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()
     for marker in markers.values():
         licenses.update(marker["licenses"])
         outcomes.update({k: v for k, v in marker["outcomes"].items() if k != "ok"})
+    from commoncanvas.workqueue import progress_totals, read_progress
+
+    progress = progress_totals(read_progress(layout.output))
     return {
         "samples": samples,
         "licenses": dict(sorted(licenses.items())),
         "failed": dict(sorted(outcomes.items())),
         "units": len(unit_splits),
+        "workers": progress["workers"],
+        "modelLoads": progress["modelLoads"],
         "outputs": {split: layout.output.url(split) for split, n in samples.items() if n},
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 import yaml
 from streaming import MDSWriter, StreamingDataset
 
-from commoncanvas import units
+from commoncanvas import units, workqueue
 from commoncanvas.caption import worker
 from commoncanvas.caption.unitplan import InputMissing
 from commoncanvas.runner import LocalRun, run_file
@@ -64,7 +65,12 @@ def scrape_to(sample: Sample, server: LocalHTTPServer, output: str) -> dict[str,
             "spec": {
                 "source": {"uri": str(sample.metadata)},
                 "output": {"uri": output},
-                "fetch": {**url_templates(server.base_url), "retries": 0},
+                "fetch": {
+                    **url_templates(server.base_url),
+                    "retries": 0,
+                    "allowPrivateNetworks": True,  # the sample server is on loopback
+                    "allowedHosts": ["127.0.0.1"],
+                },
                 "unitSize": 5,
                 "parallelism": 2,
             },
@@ -105,8 +111,9 @@ def test_captions_every_good_sample_through_minio_keeping_license_columns(
             assert (row["caption_model"], row["caption_prompt"]) == (str(tiny_blip2), "a photo of")
 
 
-def write_catalog(root: Path, images: list[bytes]) -> None:
-    with MDSWriter(out=str(root / "commercial"), columns=CATALOG_COLUMNS) as writer:
+def write_catalog(root: Path, images: list[bytes], size_limit: int | None = None) -> None:
+    shards = {"size_limit": size_limit} if size_limit else {}
+    with MDSWriter(out=str(root / "commercial"), columns=CATALOG_COLUMNS, **shards) as writer:
         for number, image in enumerate(images):
             writer.write(
                 {
@@ -176,15 +183,16 @@ def test_cuda_out_of_memory_halves_the_batch_and_loses_nothing(
         batchSize=4,
         loaderWorkers=0,
     )
-    stats = worker.run_unit(job.spec, 0)  # in this process, so the injected failure applies
+    stats = worker.CaptionStage(job.spec).run_attempt(0, 0)  # in this process: the injection applies
     assert stats["written"] == 6 and stats["outcomes"] == {"ok": 6}
     assert stats["oom_backoffs"] == 2 and stats["final_micro_batch"] == 1
     assert calls[:3] == [4, 2, 1], "the batch must be halved on each out-of-memory error"
 
 
 def test_killed_caption_worker_then_rerun_gives_every_sample_exactly_once(
-    tiny_blip2: Path, tmp_path: Path
+    tiny_blip2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COMMONCANVAS_LEASE_SECONDS", "2")  # the killed worker's claim runs out soon
     write_catalog(tmp_path / "catalog", [synthetic_jpeg(n, (320, 240)) for n in range(12)])
     job = caption_job(
         str(tmp_path / "catalog"),
@@ -199,7 +207,7 @@ def test_killed_caption_worker_then_rerun_gives_every_sample_exactly_once(
     scratch = tmp_path / "worker-tmp"
     scratch.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "commoncanvas.cli", "caption", "unit", str(job_file), "--unit", "0"],
+        [sys.executable, "-m", "commoncanvas.cli", "caption", "work", str(job_file)],
         env={**os.environ, "TMPDIR": str(scratch)},
     )
     # The worker has started reading its input once streaming has fetched the shard.
@@ -212,12 +220,15 @@ def test_killed_caption_worker_then_rerun_gives_every_sample_exactly_once(
     layout = units.StageLayout.at(str(tmp_path / "captions"))
     assert not units.is_done(layout.output, 0)
     layout.output.write_bytes(
-        f"{units.unit_dir('commercial', 0)}/shard.00000.mds", b"debris of the killed try"
+        f"{units.attempt_dir('commercial', 0, 0)}/shard.00000.mds", b"debris of the killed try"
     )
 
-    LocalRun(show_progress=False).caption(job)
+    summary = LocalRun(show_progress=False).caption(job)
     ids = [int(r["photo_id"]) for r in read_split(str(tmp_path / "captions" / "commercial"), tmp_path)]
     assert sorted(ids) == list(range(100, 112))
+    assert units.read_marker(layout.output, 0)["attempt"] == 1, "the killed attempt's claim was taken over"
+    assert not layout.output.exists(f"{units.attempt_dir('commercial', 0, 0)}/shard.00000.mds")
+    assert summary["modelLoads"] == 2 and summary["workers"] == 2, "the killed worker and the rerun's"
 
 
 def test_a_caption_job_whose_scrape_output_is_missing_fails_clearly(tiny_blip2: Path, tmp_path: Path) -> None:
@@ -245,3 +256,40 @@ def test_a_caption_job_referencing_an_unfinished_scrape_job_names_it(
     pipeline.write_text(yaml.safe_dump_all([caption_doc, scrape]))
     with pytest.raises(LookupError, match="references ScrapeJob 'photos'"):
         run_file(pipeline, show_progress=False)
+
+
+def test_a_pod_with_two_gpus_runs_two_captioners_each_on_its_own_device(
+    tiny_blip2: Path, tmp_path: Path
+) -> None:
+    # Several small shards, one unit each, so both replicas get units.
+    write_catalog(tmp_path / "catalog", [synthetic_jpeg(n, (160, 120)) for n in range(12)], size_limit=12_000)
+    job = caption_job(
+        str(tmp_path / "catalog"),
+        str(tmp_path / "captions"),
+        tiny_blip2,
+        input={"uris": [str(tmp_path / "catalog")], "splits": ["commercial"]},
+        batchSize=2,
+        loaderWorkers=0,
+        samplesPerUnit=1,
+        parallelism=1,
+        gpusPerPod=2,
+    )
+    job_file = tmp_path / "caption.yaml"
+    job_file.write_text(yaml.safe_dump(job.model_dump(by_alias=True, exclude_none=True)))
+    result = subprocess.run(
+        [sys.executable, "-m", "commoncanvas.cli", "caption", "work", str(job_file)],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"},  # the device plugin's list; no CUDA here
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    layout = units.StageLayout.at(str(tmp_path / "captions"))
+    docs = workqueue.read_progress(layout.output)
+    assert report["replicas"] == 2 and len(docs) == 2
+    assert sorted(doc["visibleDevices"] for doc in docs) == ["3", "5"], "one device each, disjoint"
+    assert sorted(doc["replica"] for doc in docs) == [0, 1]
+    assert all(doc["modelLoads"] == 1 for doc in docs) and report["modelLoads"] == 2
+    planned = len(units.done_units(layout.output))
+    assert planned > 2 and sum(len(doc["units"]) for doc in docs) == planned

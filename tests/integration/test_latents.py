@@ -81,7 +81,8 @@ def train_run(captions: Path, output: Path, **spec: Any) -> TrainRun:
         "checkpoint": {"uri": str(output / "checkpoints")},
         "resolution": 64,
         "model": {"architecture": "tiny"},
-        "optimizations": {"precomputeLatents": True},
+        # One unit per input shard: several units from small inputs.
+        "optimizations": {"precomputeLatents": True, "latentsSamplesPerUnit": 1},
         "schedule": {"microBatchSize": 3},
         **spec,
     }
@@ -146,7 +147,10 @@ def test_encoding_is_batch_independent_and_scaled_like_training_expects(tmp_path
         latents.encode_batch(encoders.vae, encoders.text_encoder, encoders.tokenizer, pixels, captions[:2])
 
 
-def test_killed_latents_worker_then_rerun_gives_every_sample_exactly_once(tmp_path: Path) -> None:
+def test_killed_latents_worker_then_rerun_gives_every_sample_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMMONCANVAS_LEASE_SECONDS", "2")  # the killed worker's claim runs out soon
     count = 96
     write_captions(tmp_path / "captions", count)
     run = train_run(tmp_path / "captions", tmp_path / "out", resolution=128, schedule={"microBatchSize": 1})
@@ -154,11 +158,11 @@ def test_killed_latents_worker_then_rerun_gives_every_sample_exactly_once(tmp_pa
     job_file.write_text(yaml.safe_dump(run.model_dump(by_alias=True, exclude_none=True)))
     latents.tiny_sd2_dir()  # written before the worker starts, so the kill lands while it encodes
     process = subprocess.Popen(
-        [sys.executable, "-m", "commoncanvas.cli", "latents", "unit", str(job_file), "--unit", "0"]
+        [sys.executable, "-m", "commoncanvas.cli", "latents", "work", str(job_file)]
     )
     # A local output is written in place, and the writer opens on the first encoded batch: once the
     # unit's directory exists the worker is mid-unit, samples encoded and none published.
-    unit_output = tmp_path / "out" / "latents" / units.unit_dir("commercial", 0)
+    unit_output = tmp_path / "out" / "latents" / units.attempt_dir("commercial", 0, 0)
     deadline = time.monotonic() + 240
     while not unit_output.is_dir() and time.monotonic() < deadline:
         assert process.poll() is None, "the worker exited before it could be killed"
@@ -167,10 +171,6 @@ def test_killed_latents_worker_then_rerun_gives_every_sample_exactly_once(tmp_pa
     process.wait()
     layout = latents.layout_of(run.spec)
     assert not units.is_done(layout.output, 0)
-    layout.output.write_bytes(
-        f"{units.unit_dir('commercial', 0)}/shard.00000.mds", b"debris of the killed try"
-    )
-
     summary = latents.run_latents(run.spec, "test", processes=1, show_progress=False)
     rows = read_split(tmp_path / "out" / "latents" / "commercial")
     assert sorted(int(r["photo_id"]) for r in rows) == list(range(500, 500 + count))
@@ -178,6 +178,8 @@ def test_killed_latents_worker_then_rerun_gives_every_sample_exactly_once(tmp_pa
     assert all(r["license_code"] == "cc-by" and r["author"] and r["page_url"] for r in rows)
     marker = units.read_marker(layout.output, 0)
     assert marker["written"] == count and marker["outcomes"] == {"ok": count}
+    assert marker["attempt"] == 1, "the killed worker's claim was taken over once its lease ran out"
+    assert not (tmp_path / "out" / "latents" / units.attempt_dir("commercial", 0, 0)).exists()
 
 
 def test_a_corrupt_image_is_excluded_with_its_reason(tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def test_schema_lets_only_licenses_that_allow_derivatives_be_named(schema: dict[
 def test_schema_carries_the_models_bounds(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
     assert spec["parallelism"]["minimum"] == 1
-    assert (spec["unitSize"]["minimum"], spec["unitSize"]["default"]) == (1, 1000)
+    assert (spec["unitSize"]["minimum"], spec["unitSize"]["default"]) == (1, 10_000)
     timeout = spec["fetch"]["properties"]["timeoutSeconds"]
     assert (timeout["minimum"], timeout["exclusiveMinimum"]) == (0, True)  # OpenAPI 3.0 form
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -32,14 +33,15 @@ def caption_job(**spec: Any) -> dict[str, Any]:
     }
 
 
-def test_units_job_is_indexed_with_one_completion_per_unit_and_ignores_disruptions() -> None:
-    job = builders.build_stage_job(scrape_job(parallelism=8), "units", SETTINGS, units=5)
+def test_units_job_is_an_elastic_indexed_job_of_workers_that_ignores_disruptions() -> None:
+    job = builders.build_stage_job(scrape_job(parallelism=3), "units", SETTINGS, units=5000)
 
     spec = job["spec"]
     assert job["metadata"]["name"] == "yfcc-units"
     assert spec["completionMode"] == "Indexed"
-    assert spec["completions"] == 5
-    assert spec["parallelism"] == 5  # never more pods than units
+    assert spec["completions"] == spec["parallelism"] == 3, "one completion per worker, not per unit"
+    few = builders.build_stage_job(scrape_job(parallelism=8), "units", SETTINGS, units=5)["spec"]
+    assert few["completions"] == few["parallelism"] == 5, "never more workers than units"
     assert spec["backoffLimitPerIndex"] == SETTINGS.backoff_limit_per_index
     assert spec["podFailurePolicy"]["rules"] == [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
@@ -48,7 +50,7 @@ def test_units_job_is_indexed_with_one_completion_per_unit_and_ignores_disruptio
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     [container] = pod["containers"]
-    assert container["command"] + container["args"] == ["commoncanvas", "scrape", "unit", builders.JOB_FILE]
+    assert container["command"] + container["args"] == ["commoncanvas", "scrape", "work", builders.JOB_FILE]
     assert spec["template"]["metadata"]["annotations"] == {"commoncanvas.dev/x": "1"}
 
 
@@ -257,3 +259,19 @@ def test_metrics_linger_reaches_every_worker_pod_only_when_set() -> None:
     assert linger(train_job(settings=lingering)["spec"]["template"]["spec"]) == ["15"]
     assert all(linger(pod) == [] for _, pod in stage_pods())
     assert Settings.from_dict({"metricsLingerSeconds": 2.5}).metrics_linger_seconds == 2.5
+
+
+def test_a_shared_model_cache_is_mounted_in_worker_pods_and_named_to_the_loader() -> None:
+    shared = dataclasses.replace(SETTINGS, model_cache={"persistentVolumeClaim": {"claimName": "models"}})
+    pod = builders.build_stage_job(caption_job(), "units", shared, units=4)["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[builders.MODEL_CACHE_VOLUME]["persistentVolumeClaim"] == {"claimName": "models"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[builders.MODEL_CACHE_VOLUME] == builders.MODEL_CACHE_DIR
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["COMMONCANVAS_MODEL_CACHE"] == builders.MODEL_CACHE_DIR
+    assert env["HF_HOME"].startswith(builders.MODEL_CACHE_DIR)
+    assert [e["name"] for e in container["env"]].count("HF_HOME") == 1
+    plain = builders.build_stage_job(caption_job(), "units", SETTINGS, units=4)["spec"]["template"]["spec"]
+    assert builders.MODEL_CACHE_VOLUME not in {v["name"] for v in plain["volumes"]}

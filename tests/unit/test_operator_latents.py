@@ -63,7 +63,7 @@ def test_latents_jobs_run_the_latents_cli_on_the_job_file() -> None:
             "--termination-log",
             builders.TERMINATION_LOG,
         ],
-        "units": ["commoncanvas", "latents", "unit", builders.JOB_FILE],
+        "units": ["commoncanvas", "latents", "work", builders.JOB_FILE],
         "finalize": ["commoncanvas", "latents", "finalize", builders.JOB_FILE],
     }
     for step, job in jobs.items():
@@ -77,14 +77,13 @@ def test_latents_jobs_run_the_latents_cli_on_the_job_file() -> None:
         assert container_of(job)["image"] == SETTINGS.gpu_image, step
 
 
-def test_latents_units_are_an_indexed_job_of_one_gpu_pods_on_the_runs_pool() -> None:
+def test_latents_workers_are_an_indexed_job_of_one_gpu_pods_on_the_runs_pool() -> None:
     jobs = latents_jobs(units=50)
     units = jobs["units"]["spec"]
 
     assert units["completionMode"] == "Indexed"
-    assert units["completions"] == 50
-    # Every GPU of the run's nodes encodes a unit: 4 nodes x 8 GPUs.
-    assert units["parallelism"] == 32
+    # One worker per GPU of the run's nodes (4 nodes x 8 GPUs), each pulling units until none is left.
+    assert units["completions"] == units["parallelism"] == 32
     assert units["backoffLimitPerIndex"] == 3
     assert units["podFailurePolicy"]["rules"] == [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
@@ -172,12 +171,16 @@ def test_a_run_in_its_latents_phase_is_running_with_the_units_counted() -> None:
     assert planning["phase"] == "Running"
     assert conditions(planning)["LatentsPlanned"]["reason"] == "Planning"
 
-    units = JobView(active=2, completed_indexes="0,3")
-    status = reduce_train("s3://b/sd", observe(ShardedView(plan=DONE, plan_units=8, units=units, markers=3)))
+    units = JobView(active=2, completed_indexes="0")
+    progress = {"unitsDone": 3, "workers": 2, "modelLoads": 2, "failedUnits": {}}
+    status = reduce_train(
+        "s3://b/sd", observe(ShardedView(plan=DONE, plan_units=8, units=units, progress=progress))
+    )
 
     assert status["phase"] == "Running"
     assert status["startTime"] == NOW
     assert status["units"] == {"total": 8, "succeeded": 3, "failed": 0}
+    assert (status["workers"], status["modelLoads"]) == (2, 2)
     assert status["progress"] == "latents 3/8"
     found = conditions(status)
     assert found["UpstreamReady"]["status"] == "True"
@@ -201,22 +204,25 @@ def test_failed_latents_units_fail_the_run_naming_them_and_no_training_starts() 
         failed=True,
         reason="FailedIndexes",
         message="Job has failed indexes",
-        completed_indexes="1,3-4",
-        failed_indexes="0,2",
+        failed_indexes="0",
     )
-    observed = observe(ShardedView(plan=DONE, plan_units=5, units=units))
+    progress = {"unitsDone": 3, "failedUnits": {"0": "OSError: x", "2": "OSError: y"}}
+    observed = observe(ShardedView(plan=DONE, plan_units=5, units=units, progress=progress))
 
     status = reduce_train("s3://b/sd", observed)
 
     assert status["phase"] == "Failed"
     failed = conditions(status)["Failed"]
     assert failed["reason"] == "LatentsFailedIndexes"
-    assert failed["message"] == ("latents phase: 2 of 5 units failed (indexes 0,2): Job has failed indexes")
+    assert failed["message"] == (
+        "latents phase: 2 of 5 units failed (units 0,2; unit 0: OSError: x); workers failed (indexes 0): "
+        "Job has failed indexes"
+    )
     assert conditions(status)["LatentsUnitsComplete"]["status"] == "False"
     assert status["units"] == {"total": 5, "succeeded": 3, "failed": 2}
     assert status["completionTime"] == NOW
     # Failed stays Failed, and the train Job never comes.
-    later = observe(ShardedView(plan=DONE, plan_units=5, units=units), previous=status)
+    later = observe(ShardedView(plan=DONE, plan_units=5, units=units, progress=progress), previous=status)
     assert train_steps(later) == []
     assert reduce_train("s3://b/sd", later)["phase"] == "Failed"
 
@@ -272,7 +278,7 @@ def test_the_operator_applies_the_latents_jobs_with_the_planned_unit_count() -> 
     children = handlers.train_children(body, observed, work)
 
     assert [c["metadata"]["name"] for c in children] == ["sd-job", "sd-latents-plan", "sd-latents-units"]
-    assert children[2]["spec"]["completions"] == 7
+    assert children[2]["spec"]["completions"] == 7  # 7 units, fewer than the run's 32 GPUs
     finalized = ShardedView(plan=DONE, plan_units=7, units=DONE, finalize=DONE)
     names = [c["metadata"]["name"] for c in handlers.train_children(body, observe(finalized), work)]
     assert names[-2:] == ["sd-rdzv", "sd-train"]

@@ -87,13 +87,23 @@ def test_steps_follow_the_plan_then_units_then_finalize() -> None:
     assert next_steps(observe(upstream=Upstream("ScrapeJob", "s", phase="Succeeded"))) == ["job", "plan"]
 
 
-def test_running_units_are_counted_from_the_job_and_markers() -> None:
-    units = JobView(active=2, completed_indexes="0,2", failed_indexes="1")
+def test_running_units_and_workers_are_counted_from_the_workers_progress() -> None:
+    units = JobView(active=2, completed_indexes="0")
+    progress = {
+        "unitsDone": 3,
+        "workers": 2,
+        "modelLoads": 2,
+        "failedUnits": {"4": "ValueError: broken"},
+        "imagesPerSecond": 12.5,
+    }
 
-    status = reduce_stage("ScrapeJob", "s3://b/c", observe(plan=DONE, plan_units=5, units=units, markers=3))
+    status = reduce_stage(
+        "ScrapeJob", "s3://b/c", observe(plan=DONE, plan_units=5, units=units, progress=progress)
+    )
 
     assert status["phase"] == "Running"
     assert status["units"] == {"total": 5, "succeeded": 3, "failed": 1}
+    assert (status["workers"], status["modelLoads"], status["imagesPerSecond"]) == (2, 2, 12.5)
     assert status["progress"] == "3/5"
     assert status["startTime"] == NOW
     assert status["observedGeneration"] == 3
@@ -103,13 +113,19 @@ def test_units_failing_beyond_the_limit_fail_the_stage_with_the_jobs_reason() ->
     units = JobView(
         failed=True, reason="FailedIndexes", message="Job has failed indexes", failed_indexes="0-1"
     )
+    progress = {"unitsDone": 0, "failedUnits": {"0": "ValueError: a", "1": "ValueError: b"}}
 
-    status = reduce_stage("ScrapeJob", "s3://b/c", observe(plan=DONE, plan_units=2, units=units))
+    status = reduce_stage(
+        "ScrapeJob", "s3://b/c", observe(plan=DONE, plan_units=2, units=units, progress=progress)
+    )
 
     assert status["phase"] == "Failed"
     failed = conditions(status)["Failed"]
     assert failed["reason"] == "FailedIndexes"
-    assert failed["message"] == "2 of 2 units failed (indexes 0-1): Job has failed indexes"
+    assert failed["message"] == (
+        "2 of 2 units failed (units 0,1; unit 0: ValueError: a); workers failed (indexes 0-1): "
+        "Job has failed indexes"
+    )
     assert status["units"]["failed"] == 2
 
 

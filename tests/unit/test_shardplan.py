@@ -34,16 +34,19 @@ def source(root: Path, per_unit: int = 1, upstream: Upstream = CATALOG) -> Shard
     return ShardInput(upstream, None, [str(root)], ["commercial", "noncommercial"], per_unit)
 
 
-def test_units_are_consecutive_shard_groups_of_each_split_numbered_across_splits(tmp_path: Path) -> None:
-    write_index(tmp_path, "commercial", [5, 5, 5])
+def test_units_are_consecutive_shards_holding_at_least_the_unit_size_numbered_across_splits(
+    tmp_path: Path,
+) -> None:
+    write_index(tmp_path, "commercial", [5, 5, 5, 20, 1])
     write_index(tmp_path, "noncommercial", [4, 4])
-    planned = shardplan.plan_units(source(tmp_path, per_unit=2), None)
-    assert [(u.unit, u.split, len(u.shards)) for u in planned] == [
-        (0, "commercial", 2),
-        (1, "commercial", 1),
-        (2, "noncommercial", 2),
+    planned = shardplan.plan_units(source(tmp_path, per_unit=10), None)
+    assert [(u.unit, u.split, [s["samples"] for s in u.shards]) for u in planned] == [
+        (0, "commercial", [5, 5]),
+        (1, "commercial", [5, 20]),
+        (2, "commercial", [1]),
+        (3, "noncommercial", [4, 4]),
     ]
-    assert planned[2].split_root == f"{tmp_path}/noncommercial" and planned[2].columns == {"image": "bytes"}
+    assert planned[3].split_root == f"{tmp_path}/noncommercial" and planned[3].columns == {"image": "bytes"}
 
 
 def test_a_shard_without_samples_is_not_planned(tmp_path: Path) -> None:
@@ -107,7 +110,8 @@ def test_a_plan_from_other_inputs_or_settings_is_refused(tmp_path: Path) -> None
         shardplan.ensure_plan(layout, source(tmp_path / "in", per_unit=2), None)
 
 
-def test_the_plan_hash_is_the_one_stored_plans_were_made_with() -> None:
-    # A stored plan records this hash; a new one for the same input would refuse every earlier output.
+def test_the_plan_hash_depends_on_the_unit_size() -> None:
     caption = ShardInput(CATALOG, None, ["s3://b/catalog"], ["commercial", "noncommercial"], 1)
-    assert shardplan.plan_hash(caption, [("s3://b/catalog", "input.uris")], {}) == "03306cf13460f3a5"
+    bigger = ShardInput(CATALOG, None, ["s3://b/catalog"], ["commercial", "noncommercial"], 8192)
+    roots = [("s3://b/catalog", "input.uris")]
+    assert shardplan.plan_hash(caption, roots, {}) != shardplan.plan_hash(bigger, roots, {})

@@ -57,7 +57,7 @@ def test_counts_are_of_distinct_photos_by_split_and_license(tmp_path: Path) -> N
 
 def test_the_manifest_attributes_each_photo_once_with_author_license_and_page(tmp_path: Path) -> None:
     card_of([record(1, "cc-by"), record(1, "cc-by"), record(2, "cc-by-sa")], tmp_path)
-    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_bytes().decode().split("\n") if line]
     assert [line["photo_id"] for line in lines] == [1, 2]
     assert lines[1] == {
         "photo_id": 2,

@@ -31,14 +31,15 @@ def a_unit(tmp_path: Path, images: list[bytes]) -> ShardGroupUnit:
             writer.write({"image": image, "photo_id": 100 + number, "license_code": f"cc{number % 2}"})
     upstream = Upstream("ScrapeJob", "catalog", "input.scrapeJobRef", "input.uris")
     (unit,) = shardplan.plan_units(
-        ShardInput(upstream, None, [str(tmp_path / "in")], ["commercial"], 1), None
+        ShardInput(upstream, None, [str(tmp_path / "in")], ["commercial"], 10_000), None
     )
     return unit
 
 
 def run(output: LocalStorage, unit: ShardGroupUnit, batch_size: int = 2) -> dict:
-    """A stage whose model step is the identity: writes each decoded sample's row and pixel value."""
-    with unit_work("test", output, unit) as work:
+    """A stage whose model step is the identity: writes each decoded sample's row and pixel value;
+    its stats are published as the marker, as a worker does."""
+    with unit_work("test", output, unit, 0) as work:
         for batch in work.batches(fake_pixels, batch_size, 0, dropped={"image"}):
             good = [item for item in batch["items"] if item["pixels"] is not None]
             for item, pixels in zip(good, batch["pixels"] if good else [], strict=True):
@@ -47,7 +48,9 @@ def run(output: LocalStorage, unit: ShardGroupUnit, batch_size: int = 2) -> dict
                 work.write({**item["row"], "value": float(pixels[0])})
             for item in batch["items"]:
                 work.record(item["row"], item["error"])
-    return work.finish("tested", extra="kept")
+    stats = {**work.finish(extra="kept"), "attempt": 0}
+    assert units.publish_marker(output, unit.unit, stats)
+    return stats
 
 
 def test_an_undecodable_image_is_an_item_with_its_reason_and_no_pixels(tmp_path: Path) -> None:
@@ -73,16 +76,18 @@ def test_every_sample_gets_one_outcome_and_the_marker_adds_them_up(tmp_path: Pat
     assert stats["licenses"] == {"cc0": 2, "cc1": 1}, "licenses of the written samples only"
     assert [f["photo_id"] for f in stats["failures"]] == [101, 104]
     assert stats["extra"] == "kept", "the stage's own stats go into the marker"
-    written = StreamingDataset(local=str(tmp_path / "out" / units.unit_dir("commercial", 0)), batch_size=1)
+    written = StreamingDataset(
+        local=str(tmp_path / "out" / units.attempt_dir("commercial", 0, 0)), batch_size=1
+    )
     assert [(s["photo_id"], s["value"]) for s in written] == [(100, 1.0), (102, 3.0), (103, 4.0)]
 
 
-def test_a_rerun_clears_what_an_interrupted_try_left(tmp_path: Path) -> None:
+def test_an_attempt_run_again_clears_what_its_interrupted_try_left(tmp_path: Path) -> None:
     unit = a_unit(tmp_path, [b"a", b"ab"])
     output = LocalStorage(tmp_path / "out")
-    output.write_bytes(f"{units.unit_dir('commercial', 0)}/shard.00007.mds", b"debris")
+    output.write_bytes(f"{units.attempt_dir('commercial', 0, 0)}/shard.00007.mds", b"debris")
     run(output, unit)
-    assert not output.exists(f"{units.unit_dir('commercial', 0)}/shard.00007.mds")
+    assert not output.exists(f"{units.attempt_dir('commercial', 0, 0)}/shard.00007.mds")
 
 
 def test_a_unit_with_nothing_written_publishes_nothing_but_is_done(tmp_path: Path) -> None:
@@ -90,15 +95,15 @@ def test_a_unit_with_nothing_written_publishes_nothing_but_is_done(tmp_path: Pat
     output = LocalStorage(tmp_path / "out")
     stats = run(output, unit)
     assert stats["written"] == 0 and units.is_done(output, 0)
-    assert not output.exists(f"{units.unit_dir('commercial', 0)}/index.json")
+    assert not output.exists(f"{units.attempt_dir('commercial', 0, 0)}/index.json")
 
 
 def test_a_stage_that_loses_a_sample_is_caught_before_its_marker(tmp_path: Path) -> None:
     unit = a_unit(tmp_path, [b"a", b"ab", b"abc"])
     output = LocalStorage(tmp_path / "out")
-    with unit_work("test", output, unit) as work:
+    with unit_work("test", output, unit, 0) as work:
         for batch in work.batches(fake_pixels, 2, 0):
             work.record(batch["items"][0]["row"], "")
     with pytest.raises(AssertionError, match="every input sample must have an outcome"):
-        work.finish("tested")
+        work.finish()
     assert not units.is_done(output, 0)

@@ -20,7 +20,9 @@ SCRAPE_CATALOG = Upstream("ScrapeJob", "catalog", "input.scrapeJobRef", "input.u
 
 def caption_input(spec: CaptionJobSpec) -> ShardInput:
     source = spec.input
-    return ShardInput(SCRAPE_CATALOG, source.scrape_job_ref, source.uris, source.splits, spec.shards_per_unit)
+    return ShardInput(
+        SCRAPE_CATALOG, source.scrape_job_ref, source.uris, source.splits, spec.samples_per_unit
+    )
 
 
 def ensure_caption_plan(

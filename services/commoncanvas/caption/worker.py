@@ -4,7 +4,6 @@ write the joined MDS (original bytes + every catalog column + caption), then the
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -13,7 +12,7 @@ from typing import Any
 
 import torch
 
-from commoncanvas import metrics, units
+from commoncanvas import metrics
 from commoncanvas.caption.text import caption_problem, clean_caption
 from commoncanvas.caption.unitplan import CaptionLayout, ensure_caption_plan, read_caption_units
 from commoncanvas.specs.caption import CaptionJobSpec
@@ -153,43 +152,67 @@ def load_captioner(spec: CaptionJobSpec, cache_dir: Path) -> Captioner:
     )
 
 
-def run_unit(
-    spec: CaptionJobSpec, unit_index: int, resolve_ref: Callable[[str], str] | None = None
-) -> dict[str, Any]:
-    """Caption unit `unit_index`, or return its marker if it already finished."""
-    layout = CaptionLayout.at(spec.output.uri)
-    if units.is_done(layout.output, unit_index):
-        return units.read_marker(layout.output, unit_index)
-    unit = read_caption_units(ensure_caption_plan(spec, layout, resolve_ref))[unit_index]
-    with unit_work(STAGE, layout.output, unit) as work:
-        captioner = load_captioner(spec, Path(tempfile.gettempdir()) / "commoncanvas-models")
-        work.open_writer({**unit.columns, **CAPTION_COLUMNS})
-        to_pixels = partial(
-            caption_pixels, image_processor=captioner.processor.image_processor, size=spec.image_size
+class CaptionStage:
+    """The CaptionJob's part of a worker (workqueue.StageWorker): BLIP-2 loaded once, on the first unit
+    the worker claims, then every unit it claims is captioned with it."""
+
+    stage = STAGE
+
+    def __init__(self, spec: CaptionJobSpec, resolve_ref: Callable[[str], str] | None = None) -> None:
+        from commoncanvas.models import default_model_cache
+
+        self.spec = spec
+        self.output = CaptionLayout.at(spec.output.uri).output
+        self.planned = read_caption_units(
+            ensure_caption_plan(spec, CaptionLayout.at(spec.output.uri), resolve_ref)
         )
-        on_cuda = torch.cuda.is_available()
-        for batch in work.batches(to_pixels, spec.batch_size, spec.loader_workers, pin_memory=on_cuda):
-            captions = iter(captioner.caption(batch["pixels"]) if batch["pixels"] is not None else [])
-            for item in batch["items"]:
-                sample, problem = item["row"], item["error"]
-                caption = "" if problem else clean_caption(next(captions), spec.prompt)
-                problem = problem or caption_problem(caption)
-                work.record(sample, problem)
-                if problem:
-                    continue
-                row = {name: sample[name] for name in unit.columns}
-                row.update(
-                    caption=caption,
-                    caption_model=captioner.model_id,
-                    caption_model_revision=captioner.revision,
-                    caption_prompt=spec.prompt,
-                )
-                work.write(row)
-            if on_cuda:
-                metrics.GPU_MEMORY_BYTES.labels(STAGE).set(torch.cuda.max_memory_allocated())
-    return work.finish(
-        "captioned",
-        oom_backoffs=captioner.oom_backoffs,
-        final_micro_batch=captioner.micro_batch,
-        model=captioner.model_id,
-    )
+        self.cache_dir = default_model_cache()
+        self.captioner: Captioner | None = None
+
+    def total_units(self) -> int:
+        return len(self.planned)
+
+    def load_model(self) -> bool:
+        self.captioner = load_captioner(self.spec, self.cache_dir)
+        return True
+
+    def model(self) -> Captioner:
+        if self.captioner is None:
+            self.load_model()
+        assert self.captioner is not None
+        return self.captioner
+
+    def run_attempt(self, unit_index: int, attempt: int) -> dict[str, Any]:
+        spec, unit = self.spec, self.planned[unit_index]
+        captioner = self.model()
+        backoffs_before = captioner.oom_backoffs
+        with unit_work(STAGE, self.output, unit, attempt) as work:
+            work.open_writer({**unit.columns, **CAPTION_COLUMNS})
+            to_pixels = partial(
+                caption_pixels, image_processor=captioner.processor.image_processor, size=spec.image_size
+            )
+            on_cuda = torch.cuda.is_available()
+            for batch in work.batches(to_pixels, spec.batch_size, spec.loader_workers, pin_memory=on_cuda):
+                captions = iter(captioner.caption(batch["pixels"]) if batch["pixels"] is not None else [])
+                for item in batch["items"]:
+                    sample, problem = item["row"], item["error"]
+                    caption = "" if problem else clean_caption(next(captions), spec.prompt)
+                    problem = problem or caption_problem(caption)
+                    work.record(sample, problem)
+                    if problem:
+                        continue
+                    row = {name: sample[name] for name in unit.columns}
+                    row.update(
+                        caption=caption,
+                        caption_model=captioner.model_id,
+                        caption_model_revision=captioner.revision,
+                        caption_prompt=spec.prompt,
+                    )
+                    work.write(row)
+                if on_cuda:
+                    metrics.GPU_MEMORY_BYTES.labels(STAGE).set(torch.cuda.max_memory_allocated())
+        return work.finish(
+            oom_backoffs=captioner.oom_backoffs - backoffs_before,
+            final_micro_batch=captioner.micro_batch,
+            model=captioner.model_id,
+        )

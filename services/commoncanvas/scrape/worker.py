@@ -1,4 +1,4 @@
-"""One ScrapeJob work unit: fetch its planned samples, write MDS shards, publish, then the marker."""
+"""The ScrapeJob worker: fetch a unit's planned samples into MDS shards (workqueue publishes them)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from commoncanvas.scrape.fetch import Fetcher, FetchResult
 from commoncanvas.scrape.plan import PLAN_SUMMARY, plan_hash, read_unit_plan, read_units, write_plan
 from commoncanvas.specs.scrape import ScrapeJobSpec
 from commoncanvas.units import StageLayout
+from commoncanvas.workqueue import TransientUnitError
 
 log = logging.getLogger(__name__)
 STAGE = "scrape"
@@ -81,22 +82,41 @@ def ensure_plan(spec: ScrapeJobSpec, layout: StageLayout) -> dict[str, Any]:
     return write_plan(spec, layout.plan).to_dict()
 
 
-def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
-    """Run unit `unit` to completion, or return its marker if it already finished."""
-    layout = layout_of(spec)
-    if units.is_done(layout.output, unit):
-        return units.read_marker(layout.output, unit)
-    unit_info = read_units(layout.plan)[unit]
-    split = unit_info["split"]
+class ScrapeStage:
+    """The ScrapeJob's part of a worker (workqueue.StageWorker): fetch one unit's planned samples and
+    write them as MDS under the attempt's prefix. No model to load."""
+
+    stage = STAGE
+
+    def __init__(self, spec: ScrapeJobSpec) -> None:
+        self.spec = spec
+        self.layout = layout_of(spec)
+        self.output = self.layout.output
+        self.planned = read_units(self.layout.plan)
+
+    def total_units(self) -> int:
+        return len(self.planned)
+
+    def load_model(self) -> bool:
+        return False
+
+    def run_attempt(self, unit: int, attempt: int) -> dict[str, Any]:
+        return run_attempt(self.spec, self.layout, self.planned[unit], attempt)
+
+
+def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, Any], attempt: int) -> dict:
+    """Fetch one unit's samples into the attempt's MDS and return its stats (the marker to publish)."""
+    unit, split = int(unit_info["unit"]), str(unit_info["split"])
     samples = read_unit_plan(layout.plan, unit)
-    units.begin_unit(layout.output, [split], unit)
+    units.begin_attempt(layout.output, [split], unit, attempt)
     started = time.perf_counter()
     outcomes: Counter[str] = Counter()
     written_licenses: Counter[str] = Counter()
     failures: list[dict[str, Any]] = []
     written_bytes = 0
+    transient, first_transient = 0, ""
     with tempfile.TemporaryDirectory(prefix=f"commoncanvas-scrape-{unit:06d}-") as tmp:
-        local = units.staging_dir(layout.output, split, unit, Path(tmp))
+        local = units.staging_dir(layout.output, split, unit, attempt, Path(tmp))
         # One writer thread keeps shard flushes off the event loop and the rows in arrival order.
         with (
             MDSShardWriter(local, CATALOG_COLUMNS) as writer,
@@ -105,8 +125,11 @@ def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
             writes: list[Future[None]] = []
 
             def on_result(result: FetchResult) -> None:
-                nonlocal written_bytes
+                nonlocal written_bytes, transient, first_transient
                 outcomes[result.outcome] += 1
+                if result.transient:
+                    transient += 1
+                    first_transient = first_transient or f"{result.outcome}: {result.detail[:200]}"
                 metrics.SAMPLES.labels(STAGE, split, result.outcome).inc()
                 if result.outcome == "ok":
                     writes.append(write_thread.submit(writer.write, catalog_row(result)))
@@ -126,24 +149,26 @@ def run_unit(spec: ScrapeJobSpec, unit: int) -> dict[str, Any]:
             for write in writes:
                 write.result()  # re-raise a failed write here, before the unit can be published
         if outcomes["ok"]:
-            units.publish_unit(layout.output, split, unit, local)
-    seconds = time.perf_counter() - started
-    stats = {
+            units.upload_attempt(layout.output, split, unit, attempt, local)
+    assert sum(outcomes.values()) == len(samples), "every planned sample must have an outcome"
+    if transient > spec.fetch.max_transient_failures * len(samples):
+        # An outage, not the photos: publishing now would make the lost samples final.
+        raise TransientUnitError(
+            f"unit {unit}: {transient} of {len(samples)} samples failed transiently (first: "
+            f"{first_transient}), over fetch.maxTransientFailures={spec.fetch.max_transient_failures:g}; "
+            "the unit is retried, nothing of it is published"
+        )
+    return {
         "unit": unit,
         "split": split,
         "planned": len(samples),
         "written": outcomes["ok"],
         "outcomes": dict(sorted(outcomes.items())),
         "bytes": written_bytes,
-        "seconds": round(seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
         "licenses": dict(sorted(written_licenses.items())),
         "failures": failures,
     }
-    assert sum(outcomes.values()) == len(samples), "every planned sample must have an outcome"
-    units.finish_unit(layout.output, unit, stats)
-    metrics.unit_finished(STAGE, outcomes["ok"], seconds)
-    log.info("unit %d (%s): %d/%d written in %.1fs", unit, split, outcomes["ok"], len(samples), seconds)
-    return stats
 
 
 def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:

@@ -9,6 +9,9 @@ from pydantic import ConfigDict, Field, model_validator
 from commoncanvas.specs.common import CommonStatus, KubeModel, ObjectMeta
 
 SplitName = Literal["commercial", "noncommercial"]
+# 70M images / 8,192 = ~8.5k units: a few minutes each at the ~100 images/s a BLIP-2 GPU worker aims
+# for (README, "Workers and units").
+CAPTION_SAMPLES_PER_UNIT = 8192
 
 
 class CaptionInput(KubeModel):
@@ -76,9 +79,14 @@ class CaptionJobSpec(KubeModel):
     image_size: int = Field(512, ge=16, le=2048, description="Captioner input: center crop resized to this")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per generate() call (halved on OOM)")
     loader_workers: int = Field(4, ge=0, le=64, description="DataLoader processes decoding images")
-    shards_per_unit: int = Field(1, ge=1, le=10_000, description="Input shards per work unit")
-    parallelism: int = Field(1, ge=1, le=10_000, description="Pods (units) running at once")
-    gpus_per_pod: int = Field(1, ge=0, le=16)
+    samples_per_unit: int = Field(
+        CAPTION_SAMPLES_PER_UNIT,
+        ge=1,
+        le=10_000_000,
+        description="Images per work unit (whole input shards, at least this many): the unit of resume",
+    )
+    parallelism: int = Field(1, ge=1, le=10_000, description="Worker pods (not units); changes in place")
+    gpus_per_pod: int = Field(1, ge=0, le=16, description="GPUs per worker pod: one captioner per GPU")
     node_pool: str = Field("a100", description="Node pool from the chart's values to run on")
 
 

@@ -60,6 +60,8 @@ class CommonStatus(KubeModel):
     conditions: list[Condition] = Field(default_factory=list)
     units: UnitCounts = Field(default_factory=UnitCounts)
     progress: str = Field("", description="units succeeded/total, for kubectl get")
+    workers: int = Field(0, description="Worker processes that ran (pods x GPUs), not units")
+    model_loads: int = Field(0, description="Models loaded by the workers: one per worker, not per unit")
     start_time: str = ""
     completion_time: str = ""
     observed_generation: int = 0

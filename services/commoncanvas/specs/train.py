@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from commoncanvas.specs.caption import CAPTION_SAMPLES_PER_UNIT
 from commoncanvas.specs.common import CommonStatus, KubeModel, ObjectMeta
 
 SplitName = Literal["commercial", "noncommercial"]
@@ -69,6 +70,12 @@ class Optimizations(KubeModel):
     precompute_latents: bool = Field(
         False, description="Run the latents phase first; train skips both encoders"
     )
+    latents_samples_per_unit: int = Field(
+        CAPTION_SAMPLES_PER_UNIT,
+        ge=1,
+        le=10_000_000,
+        description="Images per unit of the latents phase (whole input shards, at least this many)",
+    )
     low_precision_norms: bool = Field(True, description="GroupNorm/LayerNorm in low precision under autocast")
     fsdp: Literal["off", "full", "hybrid"] = Field("off", description="off = DDP")
     ema: EmaSpec = Field(default_factory=lambda: EmaSpec())
@@ -101,6 +108,11 @@ class Distributed(KubeModel):
         if self.max_nodes < self.min_nodes:
             raise ValueError("distributed.maxNodes must be at least distributed.minNodes")
         return self
+
+    @property
+    def latents_workers(self) -> int:
+        """Workers of the latents phase: one per GPU the run may use (one per node on CPUs)."""
+        return self.max_nodes * max(self.gpus_per_node, 1)
 
 
 class CheckpointSpec(KubeModel):

@@ -254,7 +254,8 @@ class CheckpointStore:
     def seen_records(self, progress: Progress) -> Iterator[dict[str, Any]]:
         """Every sample trained on up to `progress`'s checkpoint, in order (repeats across epochs kept)."""
         for part in progress.seen_parts:
-            for line in self.storage.read_text(part).splitlines():
+            # JSON lines split on "\n" alone: a title may hold U+2028 or U+0085, which splitlines() cuts at.
+            for line in self.storage.read_text(part).split("\n"):
                 if line.strip():
                     yield json.loads(line)
 

@@ -43,9 +43,6 @@ from commoncanvas.units import StageLayout
 log = logging.getLogger(__name__)
 STAGE = "latents"
 LATENTS_DIR = "latents"
-# One captioned shard per unit: a shard is one caption unit's output, a few thousand images, minutes
-# of VAE time on one GPU; finer units would only add markers.
-SHARDS_PER_UNIT = 1
 # The empty caption's hidden states, for classifier-free guidance dropout without a text encoder.
 NULL_TEXT_KEY = "null_text_hidden.npy"
 SKIPPED_INPUT_COLUMNS = {"image"}
@@ -222,7 +219,11 @@ CAPTIONED = Upstream(
 
 def latents_input(spec: TrainRunSpec) -> ShardInput:
     source = spec.dataset
-    return ShardInput(CAPTIONED, source.caption_job_ref, source.uris, splits_of(spec), SHARDS_PER_UNIT)
+    return ShardInput(CAPTIONED, source.caption_job_ref,
+        source.uris,
+        splits_of(spec),
+        spec.optimizations.latents_samples_per_unit,
+    )
 
 
 def ensure_plan(spec: TrainRunSpec, layout: StageLayout, resolve_ref: Callable[[str], str] | None) -> Storage:
@@ -250,33 +251,57 @@ def output_columns(unit: ShardGroupUnit, latent_shape: tuple[int, ...], text_sha
     return {"latents": ndarray(latent_shape), "text_hidden": ndarray(text_shape), **carried}
 
 
-def run_unit(
-    spec: TrainRunSpec,
-    unit_index: int,
-    resolve_ref: Callable[[str], str] | None = None,
-    batch_size: int | None = None,
-    loader_workers: int = 1,
-) -> dict[str, Any]:
-    """Encode unit `unit_index`, or return its marker if it already finished."""
-    layout = layout_of(spec)
-    if units.is_done(layout.output, unit_index):
-        return units.read_marker(layout.output, unit_index)
-    unit = read_units(ensure_plan(spec, layout, resolve_ref))[unit_index]
-    with unit_work(STAGE, layout.output, unit) as work:
-        encoders = load_encoders(spec)
-        to_pixels = partial(load_pixels, resolution=spec.resolution)
-        batch = batch_size or spec.schedule.micro_batch_size
-        for inputs in work.batches(to_pixels, batch, loader_workers, dropped=SKIPPED_INPUT_COLUMNS):
-            good = [item for item in inputs["items"] if item["pixels"] is not None]
-            if good:
-                latents, hidden = encoders.encode(inputs["pixels"], [item["row"]["caption"] for item in good])
-                if work.writer is None:  # the columns' shapes come from the encoders' first output
-                    work.open_writer(output_columns(unit, latents.shape[1:], hidden.shape[1:]))
-                for item, latent, text in zip(good, latents, hidden, strict=True):
-                    work.write({**item["row"], "latents": latent, "text_hidden": text})
-            for item in inputs["items"]:
-                work.record(item["row"], item["error"])
-    return work.finish("encoded", resolution=spec.resolution)
+class LatentsStage:
+    """The latents phase's part of a worker (workqueue.StageWorker): the VAE and text encoder loaded
+    once, on the first unit the worker claims, then every unit it claims is encoded with them."""
+
+    stage = STAGE
+
+    def __init__(
+        self,
+        spec: TrainRunSpec,
+        resolve_ref: Callable[[str], str] | None = None,
+        batch_size: int | None = None,
+        loader_workers: int = 1,
+    ) -> None:
+        self.spec = spec
+        self.output = layout_of(spec).output
+        self.planned = read_units(ensure_plan(spec, layout_of(spec), resolve_ref))
+        self.batch_size = batch_size or spec.schedule.micro_batch_size
+        self.loader_workers = loader_workers
+        self.encoders: Encoders | None = None
+
+    def total_units(self) -> int:
+        return len(self.planned)
+
+    def load_model(self) -> bool:
+        self.encoders = load_encoders(self.spec)
+        return True
+
+    def model(self) -> Encoders:
+        if self.encoders is None:
+            self.load_model()
+        assert self.encoders is not None
+        return self.encoders
+
+    def run_attempt(self, unit_index: int, attempt: int) -> dict[str, Any]:
+        unit, encoders = self.planned[unit_index], self.model()
+        to_pixels = partial(load_pixels, resolution=self.spec.resolution)
+        with unit_work(STAGE, self.output, unit, attempt) as work:
+            for inputs in work.batches(
+                to_pixels, self.batch_size, self.loader_workers, dropped=SKIPPED_INPUT_COLUMNS
+            ):
+                good = [item for item in inputs["items"] if item["pixels"] is not None]
+                if good:
+                    captions = [item["row"]["caption"] for item in good]
+                    latents, hidden = encoders.encode(inputs["pixels"], captions)
+                    if work.writer is None:  # the columns' shapes come from the encoders' first output
+                        work.open_writer(output_columns(unit, latents.shape[1:], hidden.shape[1:]))
+                    for item, latent, text in zip(good, latents, hidden, strict=True):
+                        work.write({**item["row"], "latents": latent, "text_hidden": text})
+                for item in inputs["items"]:
+                    work.record(item["row"], item["error"])
+        return work.finish(resolution=self.spec.resolution)
 
 
 def finalize(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None = None) -> dict[str, Any]:
@@ -304,18 +329,16 @@ def run_latents(
     processes: int = 1,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """The whole phase on this machine: plan, the unfinished units in a process pool, then finalize."""
-    from functools import partial
-
-    from commoncanvas.runner import run_units
+    """The whole phase on this machine: plan, `processes` workers over the units, then finalize."""
+    from commoncanvas.pool import run_workers
 
     layout = layout_of(spec)
     total = len(read_units(ensure_plan(spec, layout, resolve_ref)))
-    run_units(
+    run_workers(
         f"{label} latents",
+        layout.output,
         total,
-        units.done_units(layout.output),
-        partial(run_unit, spec, resolve_ref=resolve_ref),
+        partial(LatentsStage, spec, resolve_ref),
         processes,
         show_progress,
     )
