@@ -4,8 +4,8 @@ The stages that read a finished stage's output (caption reads the scrape catalog
 captioned dataset) plan the same way: each unit is consecutive shards of one split's `index.json`
 holding at least `samples_per_unit` samples between them (the last unit of a split may hold fewer;
 a unit never splits a shard), and the plan is frozen under the stage's `_plan/units.json` with a hash
-of what it was planned from, so reruns see the same units even if the input grows. Torch-free on purpose: the plan
-and finalize pods run in the CPU image.
+of what it was planned from, so reruns see the same units even if the input grows. Torch-free on
+purpose: the plan and finalize pods run in the CPU image.
 """
 
 from __future__ import annotations
