@@ -1,9 +1,17 @@
-"""CaptionJob worker vs a naive loop, same images, same tiny BLIP-2, on this CPU.
+"""CaptionJob worker vs transformers' image-to-text pipeline at its best batch size: the same JPEGs, the
+same tiny BLIP-2, the same number of new tokens (min = max), on this CPU.
 
-Ours: `commoncanvas.caption.worker.run_unit` (batched `generate`, DataLoader decode workers, MDS output
-with every catalog column).  Naive: transformers' image-to-text pipeline called one image at a time
-(what a script would do), captions kept in a list.  Both decode the same JPEG bytes and generate the
-same number of tokens.
+    python -m bench caption_batch [--caption-images 48] [--caption-batch 32] [--rounds 5]
+
+- ours: one unit of the CaptionJob worker (`commoncanvas.caption.worker`) reading an MDS catalog
+  (DataLoader decode workers, batched `generate`, MDS output with every catalog column), model load
+  included;
+- the peer: `pipeline("image-to-text")` built from the same model folder, given the decoded images as
+  one list with `batch_size`, captions kept in a list; building the pipeline and decoding (Pillow) are
+  timed too.  Its batch size is the best of a sweep (`--peer-batches`, one pass each) run first.
+
+Then `--rounds` alternating rounds (ours, peer, peer, ours, ...); the table gives median [min-max].
+Options also come from the environment: BENCH_CAPTION_IMAGES, BENCH_CAPTION_BATCH, BENCH_ROUNDS.
 """
 
 from __future__ import annotations
@@ -17,10 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-console = Console()
+from bench.report import MIN_ROUNDS, Table, alternate, ratio_spread, rounded, spread, stats
 
 
 def build_catalog(root: Path, count: int) -> list[bytes]:
@@ -72,60 +77,83 @@ def run_ours(catalog: Path, output: Path, model: Path, batch: int, tokens: int) 
         }
     )
     started = time.perf_counter()
-    stats = worker.run_unit(job.spec, 0)
+    if hasattr(worker, "CaptionStage"):  # a work-queue worker: model load included in its first attempt
+        outcome = worker.CaptionStage(job.spec).run_attempt(0, 0)
+    else:
+        outcome = worker.run_unit(job.spec, 0)
     elapsed = time.perf_counter() - started
-    assert stats["outcomes"].get("ok", 0) + sum(v for k, v in stats["outcomes"].items() if k != "ok") > 0
+    assert sum(outcome["outcomes"].values()) > 0, outcome
     return elapsed
 
 
-def run_naive(images: list[bytes], model: Path, tokens: int) -> float:
+def run_peer(images: list[bytes], model: Path, tokens: int, batch: int) -> float:
     from PIL import Image
     from transformers import pipeline
 
     started = time.perf_counter()
     captioner = pipeline("image-to-text", model=str(model), device="cpu")
-    captions = []
-    for data in images:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        out = captioner(image, generate_kwargs={"max_new_tokens": tokens, "min_new_tokens": tokens})
-        captions.append(out[0]["generated_text"])
+    decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+    generate = {"max_new_tokens": tokens, "min_new_tokens": tokens}
+    captions = [
+        out[0]["generated_text"] for out in captioner(decoded, batch_size=batch, generate_kwargs=generate)
+    ]
     assert len(captions) == len(images)
     return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    env = os.environ.get
     parser = argparse.ArgumentParser(prog="bench caption_batch")
-    parser.add_argument(
-        "--caption-images", type=int, default=int(os.environ.get("BENCH_CAPTION_IMAGES", "96"))
-    )
-    parser.add_argument("--caption-batch", type=int, default=int(os.environ.get("BENCH_CAPTION_BATCH", "32")))
+    parser.add_argument("--caption-images", type=int, default=int(env("BENCH_CAPTION_IMAGES", "48")))
+    parser.add_argument("--caption-batch", type=int, default=int(env("BENCH_CAPTION_BATCH", "32")))
     parser.add_argument("--caption-tokens", type=int, default=20)
+    parser.add_argument("--peer-batches", default="8,16,32", help="the pipeline's batch sizes to sweep")
+    parser.add_argument("--rounds", type=int, default=int(env("BENCH_ROUNDS", str(MIN_ROUNDS))))
     args, _ = parser.parse_known_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from commoncanvas.models import write_tiny_blip2
 
+    n, tokens = args.caption_images, args.caption_tokens
     with tempfile.TemporaryDirectory(prefix="bench-caption-") as tmp:
         root = Path(tmp)
         model = write_tiny_blip2(root / "blip2")
-        images = build_catalog(root / "catalog", args.caption_images)
-        ours = run_ours(root / "catalog", root / "out", model, args.caption_batch, args.caption_tokens)
-        naive = run_naive(images, model, args.caption_tokens)
-    n = args.caption_images
+        images = build_catalog(root / "catalog", n)
+        sweep = {int(b): n / run_peer(images, model, tokens, int(b)) for b in args.peer_batches.split(",")}
+        best = max(sweep, key=lambda b: sweep[b])
+        print("peer sweep, images/s by batch size: " + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()))
+        outputs = iter(range(args.rounds))
+        results = alternate(
+            {
+                "ours": lambda: run_ours(
+                    root / "catalog", root / f"out-{next(outputs)}", model, args.caption_batch, tokens
+                ),
+                "peer": lambda: run_peer(images, model, tokens, best),
+            },
+            args.rounds,
+            lambda r, side, seconds: print(f"round {r + 1} {side}: {n / seconds:.1f} images/s", flush=True),
+        )
+    speed = {side: [n / seconds for seconds in results[side]] for side in results}
     result = {
         "benchmark": "caption_batch",
         "images": n,
-        "tokens": args.caption_tokens,
+        "tokens": tokens,
         "batch": args.caption_batch,
-        "ours_images_per_s": round(n / ours, 2),
-        "naive_images_per_s": round(n / naive, 2),
-        "ratio": round(naive / ours, 2),
+        "peer_batch": best,
+        "peer_sweep_images_per_s": {str(b): round(v, 2) for b, v in sweep.items()},
+        "rounds": args.rounds,
+        "ours_images_per_s": rounded(stats(speed["ours"]), 2),
+        "peer_images_per_s": rounded(stats(speed["peer"]), 2),
+        "ratio": rounded(stats([a / b for a, b in zip(speed["ours"], speed["peer"], strict=True)]), 3),
     }
-    table = Table(title=f"CaptionJob worker vs naive image-to-text loop (tiny BLIP-2, CPU, {n} images)")
-    for column in ("", "images/s", "seconds"):
-        table.add_column(column)
-    table.add_row(f"ours (batch {args.caption_batch}, MDS out)", f"{n / ours:.1f}", f"{ours:.1f}")
-    table.add_row("naive pipeline, 1 image at a time", f"{n / naive:.1f}", f"{naive:.1f}")
-    table.add_row("ratio ours/naive", f"{result['ratio']:.2f}x", "")
-    console.print(table)
+    table = Table(
+        f"CaptionJob worker vs transformers image-to-text pipeline at its best batch (tiny BLIP-2, CPU, "
+        f"{n} images, {tokens} tokens); median [min-max] of {args.rounds} rounds",
+        ["", f"ours (batch {args.caption_batch}, MDS out)", f"pipeline (batch {best})", "ours / pipeline"],
+    )
+    table.add_row(
+        "images/s", spread(speed["ours"]), spread(speed["peer"]), ratio_spread(speed["ours"], speed["peer"])
+    )
+    table.add_row("seconds", spread(results["ours"], ".2f"), spread(results["peer"], ".2f"), "")
+    table.print()
     print(json.dumps(result))
     return result

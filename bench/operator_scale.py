@@ -10,7 +10,9 @@ annotation), plan and finalize pods 1 s.
 - operator: the chart installed with helm (operator replicas 0), `python -m commoncanvas_operator
   --standalone` run as the chart's ServiceAccount with the chart's settings, the plans seeded in MinIO (kwok
   runs no worker); then a ScrapeJob and a CaptionJob (input URIs, so both run at once) are created and
-  followed to phase Succeeded (plan Job, units Indexed Job, finalize Job).
+  followed to phase Succeeded (plan Job, units Indexed Job, finalize Job).  As each unit's index
+  completes, its marker `_units/NNNNNN.json` is written to its stage's output in MinIO, as a real unit
+  writes it last (kwok runs no worker, and an operator reading an empty store would have it too easy).
 - baseline: the same two units Jobs (`builders.build_stage_job`, same pod template, completions and
   parallelism) and their job-file ConfigMaps created directly: the floor the operator adds to.
 
@@ -27,8 +29,11 @@ RSS (VmHWM, whole life) come from /proc.
 As kwokctl does for scale tests, the controller manager's and scheduler's API clients get
 `--client-qps` requests/s (default 5000): at their defaults (20 and 50) their own client throttles would
 be the floor; `--client-qps 0` keeps the defaults. `--rounds N` repeats both sides, alternating which
-goes first, and reports medians. Options also come from the environment: BENCH_NODES,
-BENCH_CAPTION_UNITS, BENCH_SCRAPE_UNITS, BENCH_UNIT_SECONDS, BENCH_ROUNDS.
+goes first, and reports median [min-max] (a ratio's spread from its per-round ratios); each round takes
+minutes at the default size, so the default is 2 rounds (BENCH_SCALE_ROUNDS), and 5 or more are meant
+for smaller clusters, e.g. `BENCH_NODES=20 BENCH_CAPTION_UNITS=250 BENCH_SCRAPE_UNITS=1000`.  Options
+also come from the environment: BENCH_NODES, BENCH_CAPTION_UNITS, BENCH_SCRAPE_UNITS,
+BENCH_UNIT_SECONDS, BENCH_SCALE_ROUNDS.
 """
 
 from __future__ import annotations
@@ -37,14 +42,15 @@ import argparse
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import ssl
-import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +64,8 @@ from tests.cluster.kwok_stages import RUN_DURATION_ANNOTATION
 from tests.cluster.minio import MinioServer
 from tests.cluster.operator import OperatorProcess, helm, installed_operator
 from tests.cluster.processes import REPO_ROOT, http_ok, wait_until
+
+from bench.report import Table, alternate, ratios, rounded, spread, stats
 
 CHART = REPO_ROOT / "charts" / "commoncanvas"
 NAMESPACE = "bench"
@@ -252,11 +260,55 @@ def seed_plans(minio: MinioServer, setup: Setup) -> None:
     client.put_object(Bucket=BUCKET, Key="caption/_plan/units.json", Body=json.dumps(units))
 
 
+def completed_indexes(text: str | None) -> set[int]:
+    """A Job's `status.completedIndexes` ("0-3,7") as a set."""
+    done: set[int] = set()
+    for part in filter(None, (text or "").split(",")):
+        first, _, last = part.partition("-")
+        done.update(range(int(first), int(last or first) + 1))
+    return done
+
+
+class MarkerWriter:
+    """Writes each completed unit's marker to MinIO, as the unit itself would last thing (kwok runs no
+    worker): from a thread of its own, so the writes never delay the polls that time the milestones."""
+
+    def __init__(self, minio: MinioServer, setup: Setup) -> None:
+        self.client, self.setup = minio.client(), setup
+        self.seen: dict[str, set[int]] = {stage: set() for stage in STAGES}
+        self.todo: queue.Queue[tuple[str, int] | None] = queue.Queue()
+        self.written = 0
+        self.thread = threading.Thread(target=self._write, daemon=True, name="markers")
+        self.thread.start()
+
+    def completed(self, stage: str, indexes: set[int]) -> None:
+        for index in sorted(indexes - self.seen[stage]):
+            self.todo.put((stage, index))
+        self.seen[stage] |= indexes
+
+    def _write(self) -> None:
+        from commoncanvas.units import marker_key
+
+        while (item := self.todo.get()) is not None:
+            stage, index = item
+            stats = {"unit": index, "seconds": self.setup.unit_seconds, "written": 0, "bytes": 0}
+            self.client.put_object(Bucket=BUCKET, Key=f"{stage}/{marker_key(index)}", Body=json.dumps(stats))
+            self.written += 1
+
+    def close(self) -> int:
+        self.todo.put(None)
+        self.thread.join(timeout=120)
+        return self.written
+
+
 class Tracker:
     """Polls the Jobs (and the resources) of the namespace; records when each milestone is first seen."""
 
-    def __init__(self, api: KubeApi, setup: Setup, operator: bool, started: float) -> None:
+    def __init__(
+        self, api: KubeApi, setup: Setup, operator: bool, started: float, markers: MarkerWriter | None = None
+    ) -> None:
         self.api, self.setup, self.operator, self.started = api, setup, operator, started
+        self.markers = markers
         self.stages: dict[str, dict[str, float]] = {stage: {} for stage in STAGES}
         self.requests = 0
         self.last: dict[str, Obj] = {}
@@ -286,6 +338,8 @@ class Tracker:
             ]
             if failed:
                 raise RuntimeError(f"Job {stage}-units failed: {failed[0].get('message')}")
+            if self.markers is not None:
+                self.markers.completed(stage, completed_indexes(status.get("completedIndexes")))
             completions = int(job["spec"]["completions"])
             started_or_done = sum(int(status.get(key) or 0) for key in ("ready", "succeeded", "failed"))
             self._seen(stage, "units_job", now)
@@ -421,11 +475,15 @@ def run_operator(setup: Setup, cluster: LocalCluster, work: Path) -> Outcome:
                 started = time.monotonic()
                 for stage, body in resources(setup).items():
                     cluster.api.create(f"{API}/namespaces/{NAMESPACE}/{STAGES[stage][1]}", body)
-                tracker = Tracker(cluster.api, setup, operator=True, started=started)
-                window = tracker.follow(alive)
+                markers = MarkerWriter(minio, setup)
+                tracker = Tracker(cluster.api, setup, operator=True, started=started, markers=markers)
+                try:
+                    window = tracker.follow(alive)
+                finally:
+                    written = markers.close()
                 after = request_counts(metrics)
                 cpu = sum(process.cpu_times()[:4]) - cpu_before
-            figures = {"cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb(process.pid)}
+            figures = {"cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb(process.pid), "markers": written}
             figures.update(operator_metrics(operator.metrics_port))
         except BaseException:
             print(f"--- operator log:\n{operator.log_tail(6000)}", file=sys.stderr)
@@ -462,20 +520,7 @@ def run_side(side: str, setup: Setup) -> Outcome:
 # ---------------------------------------------------------------- the report
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a is not None and b else ""
-
-
 Measure = Callable[[Outcome], float | None]
-
-
-def _median(outcomes: Sequence[Outcome], measure: Measure) -> float | None:
-    values = [v for v in map(measure, outcomes) if v is not None]
-    return statistics.median(values) if values else None
 
 
 def _measures(setup: Setup) -> list[tuple[str, str, Measure, str, bool]]:
@@ -504,46 +549,53 @@ def _measures(setup: Setup) -> list[tuple[str, str, Measure, str, bool]]:
         ("operator_peak_rss_mb", "operator peak RSS MB", figure("peak_rss_mb"), ".0f", False),
         ("reconciles", "reconcile passes", figure("reconciles"), ".0f", False),
         ("reconcile_mean_ms", "reconcile pass mean ms", figure("reconcile_mean_ms"), ".1f", False),
+        ("markers", "unit markers written", figure("markers"), ".0f", False),
     ]
 
 
 def report(setup: Setup, results: dict[str, list[Outcome]]) -> dict[str, Any]:
-    from rich.console import Console
-    from rich.table import Table
-
     sides = [side for side in SIDES if results.get(side)]
     rounds = max(len(results[side]) for side in sides)
-    table = Table(
-        title=(
-            f"Operator on kwok: {setup.nodes} A100 nodes ({setup.gpus} GPUs) + {setup.cpu_nodes} CPU "
-            f"nodes; CaptionJob {setup.caption_units} units x{setup.caption_parallelism}, ScrapeJob "
-            f"{setup.scrape_units} units x{setup.scrape_parallelism}; units run {setup.unit_seconds:g}s"
-            + (f"; median of {rounds} rounds" if rounds > 1 else "")
-        )
-    )
-    table.add_column("")
-    for side in sides:
-        table.add_column(side, justify="right")
     both = len(sides) == 2
-    if both:
-        table.add_column("operator / baseline", justify="right")
+    table = Table(
+        f"Operator on kwok: {setup.nodes} A100 nodes ({setup.gpus} GPUs) + {setup.cpu_nodes} CPU "
+        f"nodes; CaptionJob {setup.caption_units} units x{setup.caption_parallelism}, ScrapeJob "
+        f"{setup.scrape_units} units x{setup.scrape_parallelism}; units run {setup.unit_seconds:g}s; "
+        f"median [min-max] of {rounds} rounds",
+        ["", *sides, *(["operator / baseline"] if both else [])],
+        caption=(
+            f"Seconds from the create requests to the first poll (every {setup.poll:g}s) that saw it, for "
+            "the later of the two stages. first wave: min(parallelism, units) pods of each units Job running "
+            "or done; all scheduled: every unit's pod running or done; status update lag: from the Job "
+            "counting every unit succeeded to the resource's status.units saying so (the larger of the two "
+            "stages). API requests: the API server's counters over the window, less node Lease heartbeats, "
+            "non-resource paths and this benchmark's polling; per client from the API Priority and Fairness "
+            f"flow schemas. Operator reconcile interval {setup.reconcile_seconds:g}s; controller manager and "
+            f"scheduler client QPS {setup.client_qps or 'default'}. A ratio's spread is that of its "
+            "per-round ratios."
+        ),
+    )
     line: dict[str, Any] = {
         "benchmark": "operator_scale",
         **asdict(setup),
         "gpus": setup.gpus,
         "cpu_nodes": setup.cpu_nodes,
+        "rounds": rounds,
         **{side: {} for side in sides},
     }
     for key, label, measure, spec, ratio in _measures(setup):
-        values = [_median(results[side], measure) for side in sides]
-        cells = [_fmt(v, spec) for v in values]
+        values = {side: [measure(o) for o in results[side]] for side in sides}
+        cells = [spread(values[side], spec) for side in sides]
         if both:
-            cells.append(_ratio(values[1], values[0]) if ratio else "")
+            per_round = ratios(values["operator"], values["baseline"])
+            cells.append(spread(per_round, ".2f", "x") if ratio else "")
             if ratio:
-                line[f"ratio_{key}"] = round(values[1] / values[0], 3) if values[0] and values[1] else None
+                line[f"ratio_{key}"] = rounded(stats(per_round))
         table.add_row(label, *cells)
-        for side, value in zip(sides, values, strict=True):
-            line[side][key] = None if value is None else round(value, 4)
+        for side in sides:
+            summary = stats(values[side])
+            line[side][key] = None if summary["median"] is None else round(summary["median"], 4)
+            line[side][f"{key}_spread"] = rounded(summary, 4)
     for side in sides:
         line[side]["rounds"] = [
             {
@@ -555,18 +607,7 @@ def report(setup: Setup, results: dict[str, list[Outcome]]) -> dict[str, Any]:
             }
             for o in results[side]
         ]
-    console = Console()
-    console.print(table)
-    console.print(
-        f"[dim]Seconds from the create requests to the first poll (every {setup.poll:g}s) that saw it, for "
-        "the later of the two stages. first wave: min(parallelism, units) pods of each units Job running or "
-        "done; all scheduled: every unit's pod running or done; status update lag: from the Job counting "
-        "every unit succeeded to the resource's status.units saying so (the larger of the two stages). "
-        "API requests: the API server's counters over the window, less node Lease heartbeats, non-resource "
-        "paths and this benchmark's polling; per client from the API Priority and Fairness flow schemas. "
-        f"Operator reconcile interval {setup.reconcile_seconds:g}s; controller manager and scheduler client "
-        f"QPS {setup.client_qps or 'default'}."
-    )
+    table.print()
     print(json.dumps(line))
     return line
 
@@ -605,8 +646,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=int(env("BENCH_ROUNDS", "1")),
-        help="repeat both sides, alternating which goes first; medians are reported",
+        default=int(env("BENCH_SCALE_ROUNDS", "2")),
+        help="repeat both sides, alternating which goes first; median [min-max] is reported (5+ for a "
+        "spread worth the name: minutes per round at the default size)",
     )
     parser.add_argument("--only", choices=SIDES, help="run one side only")
     return parser.parse_args(argv)
@@ -626,19 +668,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         poll=args.poll,
         timeout=args.timeout,
     )
-    results: dict[str, list[Outcome]] = {}
     sides = [args.only] if args.only else list(SIDES)
-    for round_ in range(args.rounds):
-        # Alternate which side goes first: a shared machine's load drifts.
-        for side in sides if round_ % 2 == 0 else sides[::-1]:
-            print(f"round {round_ + 1} {side}:", flush=True)
-            outcome = run_side(side, setup)
-            results.setdefault(side, []).append(outcome)
-            print(
-                f"  all units succeeded after {outcome.milestone('units_done') or 0:.1f}s, done after "
-                f"{outcome.window_seconds:.1f}s; {outcome.requests['all']:.0f} API requests",
-                flush=True,
-            )
+
+    def said(round_: int, side: str, outcome: Outcome) -> None:
+        done = outcome.milestone("units_done") or 0
+        print(
+            f"round {round_ + 1} {side}: all units succeeded after {done:.1f}s, done after "
+            f"{outcome.window_seconds:.1f}s; {outcome.requests['all']:.0f} API requests",
+            flush=True,
+        )
+
+    # Alternating which side goes first: a shared machine's load drifts.
+    contenders = {side: (lambda side=side: run_side(side, setup)) for side in sides}
+    results = alternate(contenders, args.rounds, said)
     return report(setup, results)
 
 

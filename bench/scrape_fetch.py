@@ -1,6 +1,6 @@
 """ScrapeJob fetch throughput against img2dataset, on the same images served by the same local server.
 
-    python -m bench.scrape_fetch [--images 2000] [--latency 0.05] [--concurrency 128] [--rounds 1]
+    python -m bench.scrape_fetch [--images 2000] [--latency 0.05] [--concurrency 128] [--rounds 5]
 
 Builds N unique JPEGs of photo-like sizes (200 KB to 2 MB: a few dozen generated base pictures, cached
 under `.cache/bench/`, each served copy made unique by its own JPEG comment segment so that sha256
@@ -20,9 +20,15 @@ Prints one table (images/s, MB/s, successes and failures, CPU seconds of the too
 throughput inside the units alone, ratio ours/img2dataset) and one JSON line.  Options also come
 from the environment: BENCH_IMAGES, BENCH_LATENCY, BENCH_CONCURRENCY, BENCH_ROUNDS.
 
-Note on what each side does per image: ours decodes every image (at 1/8 scale for JPEG) to reject
-truncated or corrupt files and reads its size for the filters; img2dataset with
-`disable_all_reencoding=True` never decodes (it hashes and parses EXIF only).
+What each side does per image, neither decoding pixels: ours (the default `filters.check: header`)
+sniffs the magic bytes, reads the header's size for the size and decompression-bomb filters, checks a
+JPEG's end-of-image marker after its last scan, runs Pillow's `verify()` (structure, no pixel decode)
+and hashes the bytes (sha256, for de-duplication); img2dataset with `disable_all_reencoding=True` keeps
+the bytes as they came, hashes them (sha256) and parses their EXIF (exifread).  With `filters.check:
+decode` ours would also decode every image (JPEG at 1/8 scale); this benchmark keeps the default.
+
+`--rounds` (default 5) repeats both tools, alternating which goes first; the table gives median
+[min-max] over rounds, and each ratio's spread from the per-round ratios.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from bench.report import MIN_ROUNDS, Table, alternate, ratio_spread, ratios, rounded, spread, stats
 
 # img2dataset and its imports (albumentations' version check, wandb) must never reach the network,
 # and urllib must not send loopback requests to a proxy.  Set before any import and before any spawn.
@@ -327,6 +335,8 @@ def run_ours(setup: Setup, base_url: str, work: Path) -> Outcome:
                     "concurrency": setup.per_process,
                     "retries": setup.retries,
                     "timeoutSeconds": setup.timeout,
+                    "allowPrivateNetworks": True,  # the image server is on loopback
+                    "allowedHosts": ["127.0.0.1"],
                 },
                 "unitSize": setup.unit_size,
                 "parallelism": setup.processes,
@@ -429,88 +439,78 @@ def measure(tool: str, setup: Setup, base_url: str, work: Path) -> Outcome:
 # ---------------------------------------------------------------- the report
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "n/a"
-
-
 def report(setup: Setup, corpus: Corpus, results: dict[str, list[Outcome]]) -> dict[str, Any]:
-    from rich.console import Console
-    from rich.table import Table
-
     tools = [t for t in ("ours", "img2dataset") if results.get(t)]
+    both = len(tools) == 2
+
+    def values(tool: str, attribute: str) -> list[float]:
+        return [float(getattr(o, attribute)) for o in results[tool]]
 
     def median(tool: str, attribute: str) -> float:
-        return float(statistics.median(getattr(o, attribute) for o in results[tool]))
+        return float(statistics.median(values(tool, attribute)))
 
     rounds = max(len(results[t]) for t in tools)
     table = Table(
-        title=(
-            f"ScrapeJob fetch vs img2dataset: {setup.images} images ({corpus.total_bytes / 1e6:.0f} MB), "
-            f"{setup.latency * 1000:.0f} ms latency, "
-            f"{setup.processes} processes x {setup.per_process} in flight"
-            + (f", median of {rounds} rounds" if rounds > 1 else "")
-        )
+        f"ScrapeJob fetch vs img2dataset: {setup.images} images ({corpus.total_bytes / 1e6:.0f} MB), "
+        f"{setup.latency * 1000:.0f} ms latency, {setup.processes} processes x {setup.per_process} in "
+        f"flight; median [min-max] of {rounds} rounds",
+        ["end to end", *tools, *(["ours / img2dataset"] if both else [])],
+        caption=(
+            "end to end: planning/sharding + worker processes (imports included) + writing + merge; "
+            "inside units: the units' (shards') own time, summed over units, / processes; a ratio's "
+            "spread is that of its per-round ratios"
+        ),
     )
-    table.add_column("end to end")
-    for tool in tools:
-        table.add_column(tool, justify="right")
-    if len(tools) == 2:
-        table.add_column("ours / img2dataset", justify="right")
     rows = (
-        ("images/s", "images_per_s", "{:.1f}", True),
-        ("MB/s", "mb_per_s", "{:.1f}", True),
-        ("seconds", "seconds", "{:.2f}", False),
-        ("succeeded", "ok", "{:.0f}", False),
-        ("failed", "failed", "{:.0f}", False),
-        ("CPU seconds (all processes)", "cpu_seconds", "{:.1f}", False),
-        ("CPU ms per image", "cpu_ms_per_image", "{:.2f}", True),
-        ("images/s inside units", "unit_images_per_s", "{:.1f}", True),
+        ("images/s", "images_per_s", ".1f", True),
+        ("MB/s", "mb_per_s", ".1f", True),
+        ("seconds", "seconds", ".2f", False),
+        ("succeeded", "ok", ".0f", False),
+        ("failed", "failed", ".0f", False),
+        ("CPU seconds (all processes)", "cpu_seconds", ".1f", False),
+        ("CPU ms per image", "cpu_ms_per_image", ".2f", True),
+        ("images/s inside units", "unit_images_per_s", ".1f", True),
     )
-    for label, attribute, fmt, ratio in rows:
-        values = [median(t, attribute) for t in tools]
-        cells = [fmt.format(v) for v in values]
-        if len(tools) == 2:
-            cells.append(_ratio(values[0], values[1]) if ratio else "")
+    for label, attribute, spec, ratio in rows:
+        cells = [spread(values(t, attribute), spec) for t in tools]
+        if both:
+            ours, peer = values("ours", attribute), values("img2dataset", attribute)
+            cells.append(ratio_spread(ours, peer) if ratio else "")
         table.add_row(label, *cells)
-    console = Console()
-    console.print(table)
-    console.print(
-        "[dim]end to end: planning/sharding + worker processes (imports included) + writing + merge; "
-        "inside units: the units' (shards') own time, summed over units, / processes"
-    )
+    table.print()
     for tool in tools:
         for outcome in results[tool]:
             if outcome.ok != outcome.planned:
-                console.print(
-                    f"[yellow]{tool}: {outcome.ok}/{outcome.planned} succeeded; "
-                    f"failures: {json.dumps(outcome.detail)}"
-                )
+                failures = json.dumps(outcome.detail)
+                print(f"{tool}: {outcome.ok}/{outcome.planned} succeeded; failures: {failures}")
     line: dict[str, Any] = {
         "benchmark": "scrape_fetch",
         **asdict(setup),
         "per_process": setup.per_process,
         "unit_size": setup.unit_size,
         "megabytes": round(corpus.total_bytes / 1e6, 1),
+        "rounds": rounds,
     }
+    figures = (
+        "ok",
+        "failed",
+        "seconds",
+        "images_per_s",
+        "mb_per_s",
+        "cpu_seconds",
+        "cpu_ms_per_image",
+        "unit_images_per_s",
+    )
     for tool in tools:
-        line[tool] = {
-            key: round(median(tool, key), 3)
-            for key in (
-                "ok",
-                "failed",
-                "seconds",
-                "images_per_s",
-                "mb_per_s",
-                "cpu_seconds",
-                "cpu_ms_per_image",
-                "unit_images_per_s",
-            )
-        }
+        line[tool] = {key: round(median(tool, key), 3) for key in figures}
         line[tool]["ok"], line[tool]["failed"] = int(line[tool]["ok"]), int(line[tool]["failed"])
+        line[tool]["spread"] = {key: rounded(stats(values(tool, key))) for key in figures[2:]}
         line[tool]["rounds"] = [o.to_json() for o in results[tool]]
-    if len(tools) == 2:
+    if both:
         for key in ("images_per_s", "mb_per_s", "cpu_ms_per_image", "unit_images_per_s"):
             line[f"ratio_{key}"] = round(median("ours", key) / median("img2dataset", key), 3)
+            per_round = ratios(values("ours", key), values("img2dataset", key))
+            line[f"ratio_{key}_per_round"] = rounded(stats(per_round))
     print(json.dumps(line))
     return line
 
@@ -540,8 +540,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=int(env("BENCH_ROUNDS", "1")),
-        help="repeat both tools, alternating which goes first; medians are reported",
+        default=int(env("BENCH_ROUNDS", str(MIN_ROUNDS))),
+        help="repeat both tools, alternating which goes first; median [min-max] is reported",
     )
     parser.add_argument("--only", choices=sorted(RUNNERS), help="run one tool only")
     parser.add_argument("--seed", type=int, default=0)
@@ -576,22 +576,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     corpus = build_corpus(args.images, args.seed)
     tools = [args.only] if args.only else ["ours", "img2dataset"]
-    results: dict[str, list[Outcome]] = {tool: [] for tool in tools}
+
+    def one(tool: str, base_url: str) -> Outcome:
+        work = Path(tempfile.mkdtemp(prefix=f"commoncanvas-bench-{tool}-"))
+        try:
+            write_inputs(corpus, base_url, work)
+            return measure(tool, setup, base_url, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def said(round_: int, tool: str, outcome: Outcome) -> None:
+        print(
+            f"round {round_ + 1} {tool}: {outcome.ok}/{outcome.planned} in {outcome.seconds:.1f}s "
+            f"({outcome.images_per_s:.1f} images/s, {outcome.mb_per_s:.1f} MB/s)",
+            flush=True,
+        )
+
     with LocalHTTPServer(files=corpus.files, latency=args.latency) as server:
-        for round_ in range(args.rounds):
-            for tool in tools if round_ % 2 == 0 else tools[::-1]:
-                work = Path(tempfile.mkdtemp(prefix=f"commoncanvas-bench-{tool}-"))
-                try:
-                    write_inputs(corpus, server.base_url, work)
-                    outcome = measure(tool, setup, server.base_url, work)
-                finally:
-                    shutil.rmtree(work, ignore_errors=True)
-                results[tool].append(outcome)
-                print(
-                    f"round {round_ + 1} {tool}: {outcome.ok}/{outcome.planned} in {outcome.seconds:.1f}s "
-                    f"({outcome.images_per_s:.1f} images/s, {outcome.mb_per_s:.1f} MB/s)",
-                    flush=True,
-                )
+        contenders = {tool: (lambda tool=tool: one(tool, server.base_url)) for tool in tools}
+        results = alternate(contenders, args.rounds, said)
     return report(setup, corpus, results)
 
 

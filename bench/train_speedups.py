@@ -1,11 +1,15 @@
 """TrainRun speed-ups on this CPU, tiny SD2-architecture model: training step time with each switch
-off and on, measured in one run from the same weights and batch.
+off and on, from the same weights and batch, through the project's own `build_model` and
+`configure_speedups`.
 
 - precomputed latents vs on-the-fly encoding (VAE encode + text encoder every step);
 - PyTorch SDPA vs the classic attention path (diffusers' AttnProcessor).
 
-On a GPU the same switches apply to the SD2-base UNet (`--architecture sd2-base`), where they matter
-most; this machine has none, so the default measures the tiny model.
+    python -m bench train_speedups [--train-resolution 128] [--train-steps 5] [--rounds 5]
+
+Each round measures all four combinations (2 warm-up + `--train-steps` timed steps each), in reverse
+order every other round; the table gives the median [min-max] over rounds, and each ratio's spread from
+its per-round ratios.  The GPU figures (SD2-base, every speed-up, MFU) are `python -m bench gpu`'s.
 """
 
 from __future__ import annotations
@@ -18,10 +22,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 
-console = Console()
+from bench.report import MIN_ROUNDS, Table, alternate, ratio_spread, ratios, rounded, spread, stats
+
+COMBINATIONS = ("classic+on-the-fly", "classic+latents", "sdpa+on-the-fly", "sdpa+latents")
+# (label, numerator, denominator) of each reported ratio of step times: slower / faster = the speed-up.
+RATIOS = (
+    ("precomputed latents (SDPA on)", "sdpa+on-the-fly", "sdpa+latents"),
+    ("SDPA (latents precomputed)", "classic+latents", "sdpa+latents"),
+    ("both vs neither", "classic+on-the-fly", "sdpa+latents"),
+)
 
 
 def make_parts(architecture: str, resolution: int, sdpa: bool) -> Any:
@@ -74,50 +84,71 @@ def step_seconds(parts: Any, images: torch.Tensor, ids: torch.Tensor, precompute
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    env = os.environ.get
     parser = argparse.ArgumentParser(prog="bench train_speedups")
-    parser.add_argument("--architecture", default=os.environ.get("BENCH_TRAIN_ARCH", "tiny"))
-    parser.add_argument("--train-resolution", type=int, default=int(os.environ.get("BENCH_TRAIN_RES", "128")))
+    parser.add_argument("--architecture", default=env("BENCH_TRAIN_ARCH", "tiny"))
+    parser.add_argument("--train-resolution", type=int, default=int(env("BENCH_TRAIN_RES", "128")))
     parser.add_argument("--train-batch", type=int, default=8)
-    parser.add_argument("--train-steps", type=int, default=int(os.environ.get("BENCH_TRAIN_STEPS", "10")))
+    parser.add_argument("--train-steps", type=int, default=int(env("BENCH_TRAIN_STEPS", "5")))
+    parser.add_argument("--rounds", type=int, default=int(env("BENCH_ROUNDS", str(MIN_ROUNDS))))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("BENCH_TRAIN_THREADS", "0")),
+        help="torch CPU threads (0: torch's default); on a loaded machine OpenMP's spinning threads "
+        "contend with other processes and 1 gives steadier step times",
+    )
     args, _ = parser.parse_known_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    images = torch.rand(args.train_batch, 3, args.train_resolution, args.train_resolution) * 2 - 1
-    rows: dict[str, float] = {}
+    n = args.train_batch
+    images = torch.rand(n, 3, args.train_resolution, args.train_resolution) * 2 - 1
+    contenders = {}
     for sdpa in (False, True):
         parts = make_parts(args.architecture, args.train_resolution, sdpa)
         ids = parts.tokenizer(
-            ["a photo of a cat"] * args.train_batch,
+            ["a photo of a cat"] * n,
             padding="max_length",
             max_length=parts.tokenizer.model_max_length,
             return_tensors="pt",
         ).input_ids
         for precomputed in (False, True):
             key = f"{'sdpa' if sdpa else 'classic'}+{'latents' if precomputed else 'on-the-fly'}"
-            rows[key] = step_seconds(parts, images, ids, precomputed, args.train_steps)
-    n = args.train_batch
-    result = {
+            contenders[key] = lambda parts=parts, ids=ids, precomputed=precomputed: step_seconds(
+                parts, images, ids, precomputed, args.train_steps
+            )
+    results = alternate(
+        {key: contenders[key] for key in COMBINATIONS},
+        args.rounds,
+        lambda r, key, seconds: print(f"round {r + 1} {key}: {seconds:.3f} s/step", flush=True),
+    )
+    result: dict[str, Any] = {
         "benchmark": "train_speedups",
         "architecture": args.architecture,
         "resolution": args.train_resolution,
         "batch": n,
-        "step_seconds": {k: round(v, 4) for k, v in rows.items()},
-        "latents_ratio": round(rows["sdpa+on-the-fly"] / rows["sdpa+latents"], 2),
-        "sdpa_ratio": round(rows["classic+latents"] / rows["sdpa+latents"], 2),
-        "combined_ratio": round(rows["classic+on-the-fly"] / rows["sdpa+latents"], 2),
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "step_seconds": {k: rounded(stats(v), 4) for k, v in results.items()},
+        "ratios": {
+            label: rounded(stats(ratios(results[slow], results[fast])), 3) for label, slow, fast in RATIOS
+        },
     }
     table = Table(
-        title=f"TrainRun speed-ups, {args.architecture} model, {args.train_resolution} px, batch {n}, CPU"
+        f"TrainRun speed-ups, {args.architecture} model, {args.train_resolution} px, batch {n}, CPU; "
+        f"{torch.get_num_threads()} threads; median [min-max] of {args.rounds} rounds, "
+        f"{args.train_steps} timed steps each",
+        ["attention", "encoders", "step s", "images/s"],
     )
-    for column in ("attention", "encoders", "step s", "images/s"):
-        table.add_column(column)
-    for key, seconds in rows.items():
+    for key in COMBINATIONS:
         attention, encoders = key.split("+")
-        table.add_row(attention, encoders, f"{seconds:.3f}", f"{n / seconds:.1f}")
-    console.print(table)
-    console.print(
-        f"precomputed latents vs on-the-fly: {result['latents_ratio']:.2f}x; SDPA vs classic: "
-        f"{result['sdpa_ratio']:.2f}x; both vs neither: {result['combined_ratio']:.2f}x"
-    )
+        table.add_row(attention, encoders, spread(results[key], ".3f"), spread([n / s for s in results[key]]))
+    table.print()
+    speedups = Table("Speed-ups (step time without / with; spread of the per-round ratios)", ["", "ratio"])
+    for label, slow, fast in RATIOS:
+        speedups.add_row(label, ratio_spread(results[slow], results[fast]))
+    speedups.print()
     print(json.dumps(result))
     return result

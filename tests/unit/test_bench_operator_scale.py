@@ -1,0 +1,47 @@
+"""bench.operator_scale's stand-in for the unit pods kwok does not run: each completed index's marker."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bench.operator_scale import BUCKET, MarkerWriter, Setup, completed_indexes
+
+
+class FakeMinio:
+    def __init__(self) -> None:
+        self.objects: dict[str, str] = {}
+
+    def client(self) -> Any:
+        objects = self.objects
+
+        class Client:
+            def put_object(self, Bucket: str, Key: str, Body: str) -> None:  # boto3's argument names
+                objects[f"{Bucket}/{Key}"] = Body
+
+        return Client()
+
+
+def setup() -> Setup:
+    return Setup(1, 2, 3, 2, 3, 10.0, 5.0, 0, 0.5, 60.0)
+
+
+def test_completed_indexes_reads_the_jobs_ranges() -> None:
+    assert completed_indexes("0-2,5,7-8") == {0, 1, 2, 5, 7, 8}
+    assert completed_indexes("") == completed_indexes(None) == set()
+
+
+def test_each_completed_unit_gets_its_marker_once_under_its_stage() -> None:
+    minio = FakeMinio()
+    writer = MarkerWriter(minio, setup())  # type: ignore[arg-type]
+    writer.completed("caption", {0, 1})
+    writer.completed("caption", {0, 1, 2})  # the next poll sees the earlier ones again
+    writer.completed("scrape", {0})
+    assert writer.close() == 4
+    assert sorted(minio.objects) == [
+        f"{BUCKET}/caption/_units/000000.json",
+        f"{BUCKET}/caption/_units/000001.json",
+        f"{BUCKET}/caption/_units/000002.json",
+        f"{BUCKET}/scrape/_units/000000.json",
+    ]
+    assert json.loads(minio.objects[f"{BUCKET}/caption/_units/000002.json"])["unit"] == 2
