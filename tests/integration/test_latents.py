@@ -157,9 +157,7 @@ def test_killed_latents_worker_then_rerun_gives_every_sample_exactly_once(
     job_file = tmp_path / "train.yaml"
     job_file.write_text(yaml.safe_dump(run.model_dump(by_alias=True, exclude_none=True)))
     latents.tiny_sd2_dir()  # written before the worker starts, so the kill lands while it encodes
-    process = subprocess.Popen(
-        [sys.executable, "-m", "commoncanvas.cli", "latents", "work", str(job_file)]
-    )
+    process = subprocess.Popen([sys.executable, "-m", "commoncanvas.cli", "latents", "work", str(job_file)])
     # A local output is written in place, and the writer opens on the first encoded batch: once the
     # unit's directory exists the worker is mid-unit, samples encoded and none published.
     unit_output = tmp_path / "out" / "latents" / units.attempt_dir("commercial", 0, 0)
@@ -179,7 +177,8 @@ def test_killed_latents_worker_then_rerun_gives_every_sample_exactly_once(
     marker = units.read_marker(layout.output, 0)
     assert marker["written"] == count and marker["outcomes"] == {"ok": count}
     assert marker["attempt"] == 1, "the killed worker's claim was taken over once its lease ran out"
-    assert not (tmp_path / "out" / "latents" / units.attempt_dir("commercial", 0, 0)).exists()
+    killed = tmp_path / "out" / "latents" / units.attempt_dir("commercial", 0, 0)
+    assert not [p for p in killed.rglob("*") if p.is_file()], "the killed attempt's files are removed"
 
 
 def test_a_corrupt_image_is_excluded_with_its_reason(tmp_path: Path) -> None:
