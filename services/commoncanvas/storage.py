@@ -28,7 +28,13 @@ _FILE_MODE = 0o666 & ~_UMASK
 
 
 class StorageError(RuntimeError):
-    """The object store could not be reached or refused the request; the message says which URI."""
+    """The object store could not be reached or refused the request; the message says which URI (and
+    never a credential: an endpoint URL with a password in it is redacted, here and in the cause)."""
+
+    def __init__(self, message: str) -> None:
+        from commoncanvas.redact import redact_text
+
+        super().__init__(redact_text(message))
 
 
 def join(*parts: str) -> str:
@@ -161,6 +167,14 @@ class LocalStorage(Storage):
         return count
 
 
+def endpoint_name() -> str:
+    """The object store as errors name it: S3_ENDPOINT_URL less any credentials in it."""
+    from commoncanvas.redact import redact_url
+
+    endpoint = os.environ.get("S3_ENDPOINT_URL")
+    return redact_url(endpoint) if endpoint else "the default AWS endpoint"
+
+
 @cache
 def s3_client() -> Any:
     """One client per process; endpoint from S3_ENDPOINT_URL, bounded retries and timeouts."""
@@ -199,7 +213,7 @@ class S3Storage(Storage):
                 raise FileNotFoundError(f"{self.url(key)} does not exist") from None
             raise StorageError(f"{what} {self.url(key)} failed: {code or exc}") from exc
         except BotoCoreError as exc:
-            endpoint = os.environ.get("S3_ENDPOINT_URL", "the default AWS endpoint")
+            endpoint = endpoint_name()
             raise StorageError(f"{what} {self.url(key)} failed: cannot reach {endpoint} ({exc})") from exc
 
     def read_bytes(self, key: str) -> bytes:
@@ -222,7 +236,7 @@ class S3Storage(Storage):
                 return False
             raise StorageError(f"creating {self.url(key)} failed: {code or exc}") from exc
         except BotoCoreError as exc:
-            endpoint = os.environ.get("S3_ENDPOINT_URL", "the default AWS endpoint")
+            endpoint = endpoint_name()
             raise StorageError(f"creating {self.url(key)} failed: cannot reach {endpoint} ({exc})") from exc
         return True
 
@@ -231,7 +245,7 @@ class S3Storage(Storage):
         try:
             s3_client().upload_file(str(path), self.bucket, self._key(key))
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
-            endpoint = os.environ.get("S3_ENDPOINT_URL", "the default AWS endpoint")
+            endpoint = endpoint_name()
             raise StorageError(f"uploading {self.url(key)} to {endpoint} failed: {exc}") from exc
 
     def download_file(self, key: str, path: Path) -> None:

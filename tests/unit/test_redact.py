@@ -44,3 +44,21 @@ def test_redact_text_masks_every_url_in_a_message() -> None:
 )
 def test_bare_host_is_the_host_name_alone(url: str, host: str) -> None:
     assert bare_host(url) == host
+
+
+def test_a_password_in_the_object_store_endpoint_never_reaches_a_storage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from commoncanvas import storage
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://admin:hunter2@127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("COMMONCANVAS_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage.s3_client.cache_clear()
+    try:
+        with pytest.raises(storage.StorageError) as raised:
+            storage.open_storage("s3://bucket/prefix").read_bytes("x")
+    finally:
+        storage.s3_client.cache_clear()
+    assert "hunter2" not in str(raised.value) and "127.0.0.1:9" in str(raised.value)
