@@ -10,9 +10,10 @@ annotation), plan and finalize pods 1 s.
 - operator: the chart installed with helm (operator replicas 0), `python -m commoncanvas_operator
   --standalone` run as the chart's ServiceAccount with the chart's settings, the plans seeded in MinIO (kwok
   runs no worker); then a ScrapeJob and a CaptionJob (input URIs, so both run at once) are created and
-  followed to phase Succeeded (plan Job, units Indexed Job, finalize Job).  As each unit's index
-  completes, its marker `_units/NNNNNN.json` is written to its stage's output in MinIO, as a real unit
-  writes it last (kwok runs no worker, and an operator reading an empty store would have it too easy).
+  followed to phase Succeeded (plan Job, units Indexed Job of workers, finalize Job).  As each index
+  completes (one pod per worker), its share of the units' markers `_units/NNNNNN.json` and its progress
+  object `_workers/wNNNN.json` are written to its stage's output in MinIO, as a real worker writes them
+  (kwok runs no worker, and an operator reading an empty store would have it too easy).
 - baseline: the same two units Jobs (`builders.build_stage_job`, same pod template, completions and
   parallelism) and their job-file ConfigMaps created directly: the floor the operator adds to.
 
@@ -270,8 +271,9 @@ def completed_indexes(text: str | None) -> set[int]:
 
 
 class MarkerWriter:
-    """Writes each completed unit's marker to MinIO, as the unit itself would last thing (kwok runs no
-    worker): from a thread of its own, so the writes never delay the polls that time the milestones."""
+    """Writes, for each completed worker pod, its units' markers and its progress object to MinIO, as
+    the worker itself would (kwok runs no worker): from a thread of its own, so the writes never delay
+    the polls that time the milestones."""
 
     def __init__(self, minio: MinioServer, setup: Setup) -> None:
         self.client, self.setup = minio.client(), setup
@@ -286,14 +288,34 @@ class MarkerWriter:
             self.todo.put((stage, index))
         self.seen[stage] |= indexes
 
+    def _share(self, stage: str, index: int) -> range:
+        """The units worker `index` runs: the units Job has one pod per worker, min(parallelism, units)
+        of them, and a worker starts in its own contiguous range (commoncanvas.workqueue)."""
+        units = self.setup.caption_units if stage == "caption" else self.setup.scrape_units
+        parallelism = self.setup.caption_parallelism if stage == "caption" else self.setup.scrape_parallelism
+        workers = max(1, min(parallelism, units))
+        return range(index * units // workers, (index + 1) * units // workers)
+
     def _write(self) -> None:
         from commoncanvas.units import marker_key
+        from commoncanvas.workqueue import WORKERS
 
         while (item := self.todo.get()) is not None:
             stage, index = item
-            stats = {"unit": index, "seconds": self.setup.unit_seconds, "written": 0, "bytes": 0}
-            self.client.put_object(Bucket=BUCKET, Key=f"{stage}/{marker_key(index)}", Body=json.dumps(stats))
-            self.written += 1
+            share = self._share(stage, index)
+            for unit in share:
+                stats = {"unit": unit, "seconds": self.setup.unit_seconds, "written": 0, "bytes": 0}
+                body = json.dumps(stats)
+                self.client.put_object(Bucket=BUCKET, Key=f"{stage}/{marker_key(unit)}", Body=body)
+                self.written += 1
+            # ... and its progress object, which is what the operator reads.
+            now = time.time()
+            progress = {"worker": f"w{index:04d}", "index": index, "units": list(share), "written": 0}
+            progress.update(
+                modelLoads=int(stage == "caption"), started=now - self.setup.unit_seconds, updated=now
+            )
+            key = f"{stage}/{WORKERS}/w{index:04d}.json"
+            self.client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(progress))
 
     def close(self) -> int:
         self.todo.put(None)

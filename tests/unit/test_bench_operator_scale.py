@@ -1,4 +1,4 @@
-"""bench.operator_scale's stand-in for the unit pods kwok does not run: each completed index's marker."""
+"""bench.operator_scale's stand-in for the worker pods kwok does not run: markers and progress objects."""
 
 from __future__ import annotations
 
@@ -31,17 +31,19 @@ def test_completed_indexes_reads_the_jobs_ranges() -> None:
     assert completed_indexes("") == completed_indexes(None) == set()
 
 
-def test_each_completed_unit_gets_its_marker_once_under_its_stage() -> None:
+def test_each_completed_worker_writes_its_units_markers_once_and_its_progress_object() -> None:
     minio = FakeMinio()
     writer = MarkerWriter(minio, setup())  # type: ignore[arg-type]
     writer.completed("caption", {0, 1})
     writer.completed("caption", {0, 1, 2})  # the next poll sees the earlier ones again
     writer.completed("scrape", {0})
     assert writer.close() == 4
-    assert sorted(minio.objects) == [
+    assert sorted(key for key in minio.objects if "/_units/" in key) == [
         f"{BUCKET}/caption/_units/000000.json",
         f"{BUCKET}/caption/_units/000001.json",
         f"{BUCKET}/caption/_units/000002.json",
         f"{BUCKET}/scrape/_units/000000.json",
     ]
     assert json.loads(minio.objects[f"{BUCKET}/caption/_units/000002.json"])["unit"] == 2
+    progress = json.loads(minio.objects[f"{BUCKET}/caption/_workers/w0001.json"])
+    assert progress["units"] == [1] and progress["modelLoads"] == 1
