@@ -321,12 +321,15 @@ def sharded_phase(view: ShardedView, counts: Obj, prefix: str = "") -> tuple[str
         if units.failed:
             given_up = (view.progress or {}).get("failedUnits") or {}
             first = next(iter(given_up.items()), None)
-            message = (
-                f"{len(given_up)} of {view.plan_units} units failed"
-                + (f" (units {','.join(list(given_up)[:20])}; unit {first[0]}: {first[1]})" if first else "")
-                + f"; workers failed (indexes {units.failed_indexes or '?'})"
-                + (f": {units.message}" if units.message else "")
+            workers = count_indexes(units.failed_indexes)
+            parts = [f"{len(given_up)} of {view.plan_units} units failed"] if given_up else []
+            if first:
+                parts[0] += f" (units {','.join(list(given_up)[:20])}; unit {first[0]}: {first[1]})"
+            parts.append(
+                f"{workers} worker{'' if workers == 1 else 's'} failed"
+                + (f" (indexes {units.failed_indexes})" if units.failed_indexes else "")
             )
+            message = "; ".join(parts) + (f": {units.message}" if units.message else "")
             reason = units.reason or "UnitsFailed"
             complete = _condition(f"{prefix}UnitsComplete", False, reason, f"{what}{message}")
             return failed(reason, message, *conditions, complete)

@@ -102,6 +102,24 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def worker_mid_unit(
+    job: ScrapeJob, server: LocalHTTPServer, path: Path
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Worker 0 of the job as a pod runs it (`scrape work`), on a slowed server, once it holds its
+    first claim: the process and that claim."""
+    from commoncanvas.scrape.worker import ensure_plan, layout_of
+
+    ensure_plan(job.spec, layout_of(job.spec))
+    server.latency = 0.4  # the worker stays mid-unit for a while
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "commoncanvas.cli", "scrape", "work", str(job_file(job, path))],
+        env={**os.environ, "JOB_COMPLETION_INDEX": "0"},
+    )
+    wait_for(lambda: claims_in_flight(job.spec.output.uri), 120, "the worker's first claim")
+    (held,) = claims_in_flight(job.spec.output.uri)
+    return worker, held
+
+
 def test_a_worker_paused_past_its_lease_never_publishes_the_unit_taken_from_it(
     minio: Any,
     s3_env: dict[str, str],
@@ -114,17 +132,8 @@ def test_a_worker_paused_past_its_lease_never_publishes_the_unit_taken_from_it(
     sample, server = served_sample
     output = f"s3://{fresh_bucket(minio, 'paused')}/run"
     job = scrape_job(sample, server, output)
-    from commoncanvas.scrape.worker import ensure_plan, layout_of
-
-    ensure_plan(job.spec, layout_of(job.spec))
-    server.latency = 0.4  # the paused worker is mid-unit for a while
-    zombie = subprocess.Popen(
-        [sys.executable, "-m", "commoncanvas.cli", "scrape", "work", str(job_file(job, tmp_path / "j.yaml"))],
-        env={**os.environ, "JOB_COMPLETION_INDEX": "0"},
-    )
+    zombie, held = worker_mid_unit(job, server, tmp_path / "j.yaml")
     try:
-        wait_for(lambda: claims_in_flight(output), 120, "the worker's first claim")
-        (held,) = claims_in_flight(output)
         zombie.send_signal(signal.SIGSTOP)
         time.sleep(float(LEASE) + 1.5)  # its lease runs out while it is paused
         server.latency = 0.05
@@ -157,14 +166,7 @@ def test_a_worker_killed_mid_unit_is_taken_over_and_nothing_is_lost_or_doubled(
     sample, server = served_sample
     output = f"s3://{fresh_bucket(minio, 'killed-worker')}/run"
     job = scrape_job(sample, server, output)
-    from commoncanvas.scrape.worker import ensure_plan, layout_of
-
-    ensure_plan(job.spec, layout_of(job.spec))
-    server.latency = 0.3
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "commoncanvas.cli", "scrape", "work", str(job_file(job, tmp_path / "j.yaml"))]
-    )
-    wait_for(lambda: claims_in_flight(output), 120, "the worker's first claim")
+    worker, _ = worker_mid_unit(job, server, tmp_path / "j.yaml")
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     server.latency = 0.05

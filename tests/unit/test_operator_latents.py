@@ -215,7 +215,7 @@ def test_failed_latents_units_fail_the_run_naming_them_and_no_training_starts() 
     failed = conditions(status)["Failed"]
     assert failed["reason"] == "LatentsFailedIndexes"
     assert failed["message"] == (
-        "latents phase: 2 of 5 units failed (units 0,2; unit 0: OSError: x); workers failed (indexes 0): "
+        "latents phase: 2 of 5 units failed (units 0,2; unit 0: OSError: x); 1 worker failed (indexes 0): "
         "Job has failed indexes"
     )
     assert conditions(status)["LatentsUnitsComplete"]["status"] == "False"

@@ -123,7 +123,7 @@ def test_units_failing_beyond_the_limit_fail_the_stage_with_the_jobs_reason() ->
     failed = conditions(status)["Failed"]
     assert failed["reason"] == "FailedIndexes"
     assert failed["message"] == (
-        "2 of 2 units failed (units 0,1; unit 0: ValueError: a); workers failed (indexes 0-1): "
+        "2 of 2 units failed (units 0,1; unit 0: ValueError: a); 2 workers failed (indexes 0-1): "
         "Job has failed indexes"
     )
     assert status["units"]["failed"] == 2
