@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from commoncanvas import units, workqueue
-from commoncanvas.storage import Storage
+from commoncanvas.storage import Storage, StorageError
 
 console = Console(stderr=True)
 # Light modules only: a model stage's workers import torch themselves, once per worker process.
@@ -135,12 +135,17 @@ def run_workers(
                     worker.terminate()
                 worker.join()
         _show(progress, task, output, total)
-    totals = workqueue.progress_totals(workqueue.read_progress(output))
-    missing = total - len(units.done_units(output))
-    if missing:
-        failed = [f"  unit {u}: {e}" for u, e in list(totals["failedUnits"].items())[:50]]
-        while not errors.empty():
-            failed.append(f"  {errors.get()}")
+    failed: list[str] = []
+    while not errors.empty():
+        failed.append(f"  {errors.get()}")
+    try:
+        totals = workqueue.progress_totals(workqueue.read_progress(output))
+        missing = str(total - len(units.done_units(output)))
+    except StorageError as error:  # the store is away: the workers gave up for the same reason
+        totals, missing = workqueue.progress_totals([]), "some"
+        failed.append(f"  reading their progress: {error}")
+    if missing != "0":
+        failed[:0] = [f"  unit {u}: {e}" for u, e in list(totals["failedUnits"].items())[:50]]
         raise UnitsFailed(
             f"{label}: {missing} of {total} units did not finish; rerun to retry only those:\n"
             + "\n".join(failed)
@@ -149,5 +154,8 @@ def run_workers(
 
 
 def _show(progress: Progress, task: Any, output: Storage, total: int) -> None:
-    totals = workqueue.progress_totals(workqueue.read_progress(output))
+    try:
+        totals = workqueue.progress_totals(workqueue.read_progress(output))
+    except StorageError:
+        return  # shown again on the next poll
     progress.update(task, completed=totals["unitsDone"], samples=totals["written"])
