@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Metric, start_http_server
 from prometheus_client.registry import Collector
@@ -93,6 +94,16 @@ TRAINING = (
 )
 
 
+def expect_hosts(urls: Iterable[str]) -> None:
+    """Create the fetch-latency series of the hosts a unit is about to fetch from at 0, then, where
+    workers linger for short scrapes, wait for one scrape: a series born with its only observations
+    shows rate() no increase."""
+    for host in {bare_host(url) or "-" for url in urls}:
+        FETCH_SECONDS.labels(host=host)
+    if _scrapes is not None:
+        _scrapes.wait_for_next(_linger_seconds)
+
+
 def observe_fetch(url: str, seconds: float) -> None:
     """One HTTP attempt's latency, labelled by the bare host name: a URL's userinfo (credentials),
     port and path never reach /metrics."""
@@ -127,6 +138,10 @@ def initialize(stage: str) -> None:
     BATCH_SECONDS.labels(stage)
 
 
+_scrapes: _FirstScrape | None = None  # set by serve() when workers linger for short scrapes
+_linger_seconds = 0.0
+
+
 def serve(port: int, stage: str | None = None, linger_seconds: float | None = None) -> None:
     """Expose /metrics on `port` (0 = don't), with `stage`'s series initialized.
 
@@ -141,9 +156,11 @@ def serve(port: int, stage: str | None = None, linger_seconds: float | None = No
         initialize(stage)
     if linger_seconds is None:
         linger_seconds = float(os.environ.get(LINGER_ENV) or 0)
+    global _scrapes, _linger_seconds
     watch = _FirstScrape()
     if linger_seconds > 0:
         REGISTRY.register(watch)
+        _scrapes, _linger_seconds = watch, linger_seconds
     try:
         start_http_server(port)
     except OSError as error:  # metrics are advisory; the work is not (a port taken where pods share a host)
@@ -159,10 +176,20 @@ class _FirstScrape(Collector):
 
     def __init__(self) -> None:
         self.seen = threading.Event()
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def wait_for_next(self, timeout: float) -> None:
+        with self.changed:
+            seen = self.count
+            self.changed.wait_for(lambda: self.count > seen, timeout)
 
     def describe(self) -> list[Metric]:
         return []  # registering must not count as a scrape
 
     def collect(self) -> list[Metric]:
         self.seen.set()
+        with self.changed:
+            self.count += 1
+            self.changed.notify_all()
         return []

@@ -193,7 +193,7 @@ def test_failing_units_fail_the_stage_and_its_downstream_names_it(
     [failed] = [c for c in bad["status"]["conditions"] if c["type"] == "Failed"]
     assert failed["reason"] == "FailedIndexes"
     # kwok's failing pods are workers that die before any unit records an error: the workers are named.
-    assert failed["message"].startswith("2 workers failed (indexes 0-1)")
+    assert failed["message"].startswith("2 workers failed (indexes 0,1)")
     assert bad["status"]["units"]["succeeded"] == 0
     [downstream] = [c for c in after["status"]["conditions"] if c["type"] == "Failed"]
     assert downstream["message"].startswith("ScrapeJob bad failed: 2 workers failed")

@@ -145,6 +145,7 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
                         }
                     )
 
+            metrics.expect_hosts(url for sample in samples for url in sample.candidates)
             asyncio.run(Fetcher(spec.fetch, spec.filters, split).fetch_all(samples, on_result))
             for write in writes:
                 write.result()  # re-raise a failed write here, before the unit can be published
