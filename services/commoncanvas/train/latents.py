@@ -219,7 +219,9 @@ CAPTIONED = Upstream(
 
 def latents_input(spec: TrainRunSpec) -> ShardInput:
     source = spec.dataset
-    return ShardInput(CAPTIONED, source.caption_job_ref,
+    return ShardInput(
+        CAPTIONED,
+        source.caption_job_ref,
         source.uris,
         splits_of(spec),
         spec.optimizations.latents_samples_per_unit,
