@@ -102,8 +102,13 @@ def publish_marker(storage: Storage, unit: int, stats: dict[str, Any]) -> bool:
         return True
     attempt = stats.get("attempt")
     if attempt is not None:
-        begin_attempt(storage, [str(stats["split"])], unit, int(attempt))
+        discard_attempt(storage, str(stats["split"]), unit, int(attempt))
     return False
+
+
+def discard_attempt(storage: Storage, split: str, unit: int, attempt: int) -> None:
+    """Remove what an attempt that will never be published wrote (it lost, or was taken over)."""
+    storage.delete_prefix(attempt_dir(split, unit, attempt))
 
 
 def finish_unit(storage: Storage, unit: int, stats: dict[str, Any]) -> None:

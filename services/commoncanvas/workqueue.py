@@ -298,9 +298,10 @@ class Worker:
                     self.progress.save()
             stats = self.stage.run_attempt(unit, attempt)
             stats = {**stats, "attempt": attempt, "worker": self.identity.name}
-            if lease.superseded() or not _patiently(units.publish_marker, self.storage, unit, stats):
-                if lease.superseded():
-                    self.storage.delete_prefix(units.attempt_dir(str(stats["split"]), unit, attempt))
+            superseded = lease.superseded()
+            if superseded:
+                units.discard_attempt(self.storage, str(stats["split"]), unit, attempt)
+            if superseded or not _patiently(units.publish_marker, self.storage, unit, stats):
                 self.progress.lost += 1
                 metrics.UNITS.labels(self.stage.stage, "lost").inc()
                 log.warning("unit %d attempt %d: another attempt published first; discarded", unit, attempt)

@@ -267,8 +267,9 @@ class LatentsStage:
         loader_workers: int = 1,
     ) -> None:
         self.spec = spec
-        self.output = layout_of(spec).output
-        self.planned = read_units(ensure_plan(spec, layout_of(spec), resolve_ref))
+        layout = layout_of(spec)
+        self.output = layout.output
+        self.planned = read_units(ensure_plan(spec, layout, resolve_ref))
         self.batch_size = batch_size or spec.schedule.micro_batch_size
         self.loader_workers = loader_workers
         self.encoders: Encoders | None = None
