@@ -40,13 +40,13 @@ def center_square(image: Any, size: int) -> Any:
 
 
 def caption_pixels(data: bytes, image_processor: Any, size: int) -> torch.Tensor:
-    """Encoded image -> the captioner's pixel values, of its center square."""
-    import io
+    """Encoded image -> the captioner's pixel values, of its center square. Decoded reduced (a large
+    JPEG at up to 1/8 scale) but never below twice `size` on the shorter side; refused above the
+    pixel limit (commoncanvas.images)."""
+    from commoncanvas.images import decode_reduced
 
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as opened:
-        image = center_square(opened.convert("RGB"), size)
+    # Upright (EXIF orientation applied), as training sees it: a caption describes the trained image.
+    image = center_square(decode_reduced(data, size), size)
     pixels: torch.Tensor = image_processor(images=image, return_tensors="pt")["pixel_values"][0]
     return pixels
 
