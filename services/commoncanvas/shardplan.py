@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from commoncanvas.identity import OutputReused, check_not_input, claim_output
 from commoncanvas.storage import Storage, open_storage
 from commoncanvas.units import StageLayout
 
@@ -125,16 +126,25 @@ def ensure_plan(
     layout: StageLayout,
     source: ShardInput,
     resolve_ref: Callable[[str], str] | None,
-    settings: dict[str, Any] | None = None,
-    planned_from: str = "inputs",
+    settings: Mapping[str, Any] | None = None,
+    kind: str = "",
 ) -> Storage:
     """Plan once and keep it under `_plan/`: later units and reruns see the same units even if the input
-    grows. `settings` are what else the output depends on (`planned_from` names them for the error)."""
+    grows. `settings` (field path -> value) are what else the output depends on; with the reading
+    stage's `kind` they are claimed for the output (identity), so a change is refused naming the field."""
     plan = layout.plan
-    digest = plan_hash(source, input_roots(source, resolve_ref), settings or {})
+    roots = input_roots(source, resolve_ref)
+    if kind:
+        inputs_field = f"spec.{source.upstream.uris_field}"
+        check_not_input(layout.output.uri, "spec.output.uri", [(root, inputs_field) for root, _ in roots])
+        claimed = {**(settings or {}), inputs_field: [root for root, _ in roots]}
+        claim_output(layout, kind, claimed, "spec.output.uri")
+    digest = plan_hash(source, roots, dict(settings or {}))
     if plan.exists(PLAN_FILE):
         if json.loads(plan.read_text(PLAN_FILE))["hash"] != digest:
-            raise ValueError(f"{plan.uri} was planned from other {planned_from}; use a new output.uri")
+            raise OutputReused(
+                f"{plan.uri} was planned from other inputs, splits or unit size; use a new output.uri"
+            )
         return plan
     planned = plan_units(source, resolve_ref)
     plan.write_text(PLAN_FILE, json.dumps({"hash": digest, "units": [asdict(u) for u in planned]}))

@@ -154,14 +154,16 @@ def remove_losers(storage: Storage, split: str, markers: dict[int, dict[str, Any
     return sum(storage.delete_prefix(prefix) for prefix in sorted(doomed))
 
 
-def summarize(layout: StageLayout, unit_splits: dict[int, str]) -> dict[str, Any]:
-    """Once every planned unit has its marker: merge each split's index and add up the markers."""
+def summarize(layout: StageLayout, unit_splits: dict[int, str], splits: Iterable[str] = ()) -> dict[str, Any]:
+    """Once every planned unit has its marker: merge each split's index and add up the markers.
+    Every split in `splits` gets an index, an empty one where no unit holds it: a split with no sample
+    (a ScrapeJob allowing only commercial licenses) is an empty dataset, not a missing one."""
     markers = read_markers(layout.output)
     missing = sorted(set(unit_splits) - set(markers))
     if missing:
         raise RuntimeError(f"{len(missing)} units have no marker yet (first: {missing[:5]}); rerun to finish")
     samples: dict[str, int] = {}
-    for split in sorted(set(unit_splits.values())):
+    for split in sorted(set(unit_splits.values()) | set(splits)):
         split_markers = {u: markers[u] for u, s in unit_splits.items() if s == split}
         samples[split] = merge_split_index(layout.output, split, split_markers)
         remove_losers(layout.output, split, split_markers)
@@ -180,5 +182,5 @@ def summarize(layout: StageLayout, unit_splits: dict[int, str]) -> dict[str, Any
         "units": len(unit_splits),
         "workers": progress["workers"],
         "modelLoads": progress["modelLoads"],
-        "outputs": {split: layout.output.url(split) for split, n in samples.items() if n},
+        "outputs": {split: layout.output.url(split) for split in samples},
     }

@@ -100,14 +100,14 @@ def test_a_plan_from_other_inputs_or_settings_is_refused(tmp_path: Path) -> None
     write_index(tmp_path / "in", "commercial", [1])
     write_index(tmp_path / "in", "noncommercial", [1])
     layout = StageLayout.at(str(tmp_path / "out"))
-    shardplan.ensure_plan(layout, source(tmp_path / "in"), None, {"resolution": 256}, "inputs or resolution")
-    shardplan.ensure_plan(layout, source(tmp_path / "in"), None, {"resolution": 256}, "inputs or resolution")
-    with pytest.raises(ValueError, match=r"planned from other inputs or resolution; use a new output\.uri"):
-        shardplan.ensure_plan(
-            layout, source(tmp_path / "in"), None, {"resolution": 512}, "inputs or resolution"
-        )
-    with pytest.raises(ValueError, match=r"planned from other inputs; use a new output\.uri"):
-        shardplan.ensure_plan(layout, source(tmp_path / "in", per_unit=2), None)
+    shardplan.ensure_plan(layout, source(tmp_path / "in"), None, {"spec.resolution": 256}, "TrainRun")
+    shardplan.ensure_plan(layout, source(tmp_path / "in"), None, {"spec.resolution": 256}, "TrainRun")
+    with pytest.raises(ValueError, match=r"made with spec\.resolution=256, this TrainRun has 512; use a new"):
+        shardplan.ensure_plan(layout, source(tmp_path / "in"), None, {"spec.resolution": 512}, "TrainRun")
+    with pytest.raises(
+        ValueError, match=r"planned from other inputs, splits or unit size; use a new output\.uri"
+    ):
+        shardplan.ensure_plan(layout, source(tmp_path / "in", per_unit=2), None, {"spec.resolution": 256})
 
 
 def test_the_plan_hash_depends_on_the_unit_size() -> None:

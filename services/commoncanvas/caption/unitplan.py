@@ -28,7 +28,22 @@ def caption_input(spec: CaptionJobSpec) -> ShardInput:
 def ensure_caption_plan(
     spec: CaptionJobSpec, layout: StageLayout, resolve_ref: Callable[[str], str] | None
 ) -> Storage:
-    return shardplan.ensure_plan(layout, caption_input(spec), resolve_ref)
+    return shardplan.ensure_plan(
+        layout, caption_input(spec), resolve_ref, output_settings(spec), "CaptionJob"
+    )
+
+
+def output_settings(spec: CaptionJobSpec) -> dict[str, Any]:
+    """What a caption depends on besides its image: a change must not reuse finished units."""
+    decoding = spec.decoding.model_dump(by_alias=True)
+    return {
+        "spec.model.source": spec.model.source,
+        "spec.model.revision": spec.model.revision,
+        "spec.model.dtype": spec.model.dtype,
+        "spec.prompt": spec.prompt,
+        "spec.imageSize": spec.image_size,
+        **{f"spec.decoding.{name}": value for name, value in sorted(decoding.items())},
+    }
 
 
 def finalize(spec: CaptionJobSpec, resolve_ref: Callable[[str], str] | None = None) -> dict[str, Any]:
@@ -36,7 +51,7 @@ def finalize(spec: CaptionJobSpec, resolve_ref: Callable[[str], str] | None = No
     Torch-free on purpose: the finalize pod runs in the CPU image."""
     layout = CaptionLayout.at(spec.output.uri)
     plan = ensure_caption_plan(spec, layout, resolve_ref)
-    merged = units.summarize(layout, {u.unit: u.split for u in read_caption_units(plan)})
+    merged = units.summarize(layout, {u.unit: u.split for u in read_caption_units(plan)}, spec.input.splits)
     excluded = merged.pop("failed")
     result = {**merged, "excluded": excluded, "captions": merged["samples"]}
     layout.output.write_text("summary.json", json.dumps(result, indent=1))

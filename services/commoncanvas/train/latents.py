@@ -52,11 +52,14 @@ SKIPPED_INPUT_COLUMNS = {"image"}
 
 
 def load_pixels(data: bytes, resolution: int) -> torch.Tensor:
-    """Encoded image -> (3, R, R) float32 in [-1, 1]: EXIF-upright, shorter side resized, center-cropped."""
-    from PIL import Image, ImageOps
+    """Encoded image -> (3, R, R) float32 in [-1, 1]: EXIF-upright, shorter side resized, center-cropped.
+    Decoded reduced (a large JPEG at up to 1/8 scale) but never below 2R on the shorter side; refused
+    above the pixel limit (commoncanvas.images)."""
+    from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+    from commoncanvas.images import decode_reduced
+
+    image = decode_reduced(data, resolution)
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -230,13 +233,12 @@ def latents_input(spec: TrainRunSpec) -> ShardInput:
 
 def ensure_plan(spec: TrainRunSpec, layout: StageLayout, resolve_ref: Callable[[str], str] | None) -> Storage:
     # Latents from another resolution or other encoders must never be mixed into the same output.
+    model = spec.model.model_dump(include={"architecture", "vae", "text_encoder", "revision"}, by_alias=True)
     settings = {
-        "resolution": spec.resolution,
-        "model": spec.model.model_dump(include={"architecture", "vae", "text_encoder", "revision"}),
+        "spec.resolution": spec.resolution,
+        **{f"spec.model.{k}": v for k, v in sorted(model.items())},
     }
-    return shardplan.ensure_plan(
-        layout, latents_input(spec), resolve_ref, settings, planned_from="inputs, resolution or encoders"
-    )
+    return shardplan.ensure_plan(layout, latents_input(spec), resolve_ref, settings, kind="TrainRun latents")
 
 
 read_units = shardplan.read_units
@@ -312,7 +314,7 @@ def finalize(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None = None
     states (training's caption dropout needs them without a text encoder) and the summary."""
     layout = layout_of(spec)
     plan = ensure_plan(spec, layout, resolve_ref)
-    merged = units.summarize(layout, {u.unit: u.split for u in read_units(plan)})
+    merged = units.summarize(layout, {u.unit: u.split for u in read_units(plan)}, splits_of(spec))
     if not layout.output.exists(NULL_TEXT_KEY):
         encoders = load_encoders(spec)
         hidden = encode_captions(encoders.text_encoder, encoders.tokenizer, [""])[0]
