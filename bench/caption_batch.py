@@ -32,13 +32,14 @@ def build_catalog(root: Path, count: int) -> list[bytes]:
     from streaming import MDSWriter
 
     from commoncanvas.sample import synthetic_jpeg
-    from commoncanvas.scrape.worker import CATALOG_COLUMNS
+    from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 
     images = [synthetic_jpeg(n, (640, 480)) for n in range(count)]
     with MDSWriter(out=str(root / "commercial"), columns=CATALOG_COLUMNS) as writer:
         for number, image in enumerate(images):
             writer.write(
                 {
+                    **blank_catalog_row(),
                     "image": image,
                     "photo_id": number,
                     "split": "commercial",

@@ -144,13 +144,13 @@ def caption_seconds_per_image(work: Path, images: int) -> float:
     from commoncanvas.caption.worker import CaptionStage
     from commoncanvas.models import write_tiny_blip2
     from commoncanvas.sample import synthetic_jpeg
-    from commoncanvas.scrape.worker import CATALOG_COLUMNS
+    from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
     from commoncanvas.specs import CaptionJob
 
     catalog = work / "catalog"
     with MDSWriter(out=str(catalog / "commercial"), columns=CATALOG_COLUMNS) as writer:
         for number in range(images):
-            row: dict[str, Any] = {n: "" for n, encoding in CATALOG_COLUMNS.items() if encoding == "str"}
+            row: dict[str, Any] = blank_catalog_row()
             row.update(image=synthetic_jpeg(number), photo_id=number, license_code="cc0", tags=[])
             row.update(width=640, height=480)
             writer.write(row)

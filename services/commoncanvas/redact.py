@@ -37,6 +37,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def strip_userinfo(url: str) -> str:
+    """`url` without `user:password@` (cheap when there is none: called per planned row)."""
+    if "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_text(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def redact_text(text: str) -> str:
     """Every URL's userinfo and secret query values in free text (an exception's message) masked."""
     return _QUERY_PAIR_IN_TEXT.sub(_mask_pair, _USERINFO_IN_TEXT.sub(rf"\1{MASK}@", text))

@@ -22,7 +22,7 @@ from commoncanvas.caption.unitplan import InputMissing
 from commoncanvas.runner import LocalRun, run_file
 from commoncanvas.sample import Sample, synthetic_jpeg, url_templates
 from commoncanvas.sample.server import LocalHTTPServer
-from commoncanvas.scrape.worker import CATALOG_COLUMNS
+from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 from commoncanvas.specs import CaptionJob, ScrapeJob
 
 pytestmark = pytest.mark.integration
@@ -105,6 +105,9 @@ def test_captions_every_good_sample_through_minio_keeping_license_columns(
         for row in captioned:
             source = catalog[int(row["photo_id"])]
             assert {c: row[c] for c in LICENSE_COLUMNS} == {c: source[c] for c in LICENSE_COLUMNS}
+            assert {c: row[c] for c in CATALOG_COLUMNS} == {c: source[c] for c in CATALOG_COLUMNS}, (
+                "every catalog column (CommonCatalog's fields) passes through captioning"
+            )
             assert row["image"] == source["image"], "the original image bytes must pass through untouched"
             assert row["caption"].strip() and row["caption"] == " ".join(row["caption"].split())
             assert not row["caption"].lower().startswith("a photo of")
@@ -117,6 +120,7 @@ def write_catalog(root: Path, images: list[bytes], size_limit: int | None = None
         for number, image in enumerate(images):
             writer.write(
                 {
+                    **blank_catalog_row(),
                     "image": image,
                     "photo_id": 100 + number,
                     "split": "commercial",
@@ -293,3 +297,49 @@ def test_a_pod_with_two_gpus_runs_two_captioners_each_on_its_own_device(
     assert all(doc["modelLoads"] == 1 for doc in docs) and report["modelLoads"] == 2
     planned = len(units.done_units(layout.output))
     assert planned > 2 and sum(len(doc["units"]) for doc in docs) == planned
+
+
+def test_a_commercial_only_scrape_then_a_default_caption_job_runs_end_to_end(
+    served_sample: tuple[Sample, LocalHTTPServer], tiny_blip2: Path, tmp_path: Path
+) -> None:
+    """CommonCanvas-C: no license allows NC, so that split is an empty catalog, not a missing one."""
+    sample, server = served_sample
+    catalog = tmp_path / "catalog"
+    job = ScrapeJob.model_validate(
+        {
+            "metadata": {"name": "catalog-c"},
+            "spec": {
+                "source": {"uri": str(sample.metadata)},
+                "output": {"uri": str(catalog)},
+                "licenses": {"allow": ["cc-by", "cc-by-sa", "cc0"]},
+                "fetch": {
+                    **url_templates(server.base_url),
+                    "retries": 0,
+                    "allowPrivateNetworks": True,
+                    "allowedHosts": ["127.0.0.1"],
+                },
+                "unitSize": 5,
+            },
+        }
+    )
+    scraped = LocalRun(show_progress=False).scrape(job)
+    assert scraped["samples"]["noncommercial"] == 0 and scraped["samples"]["commercial"] > 0
+    assert json.loads((catalog / "noncommercial" / "index.json").read_text())["shards"] == []
+    captions = tmp_path / "captions"
+    summary = LocalRun(show_progress=False).caption(
+        caption_job(str(catalog), str(captions), tiny_blip2, parallelism=1)
+    )
+    assert summary["captions"] == {"commercial": scraped["samples"]["commercial"], "noncommercial": 0}
+    assert set(summary["outputs"]) == {"commercial", "noncommercial"}
+    assert json.loads((captions / "noncommercial" / "index.json").read_text())["shards"] == []
+    assert (
+        len(read_split(str(captions / "commercial"), tmp_path / "unused"))
+        == summary["captions"]["commercial"]
+    )
+    for row in read_split(str(catalog / "commercial"), tmp_path / "unused-catalog"):
+        assert (row["description"], row["capture_device"], row["date_taken"]) == (
+            "Part of the CommonCanvas bundled sample",
+            "SYNTHETIC camera",
+            "2013-06-01 12:00:00",
+        ), "the catalog carries every YFCC100M field read"
+        assert row["date_uploaded"] == 1370088000 and f"/download/{row['photo_id']}." in row["download_url"]

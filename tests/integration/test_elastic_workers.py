@@ -21,7 +21,7 @@ from tests.cluster.processes import free_port
 
 from commoncanvas import storage, workqueue
 from commoncanvas.sample import synthetic_jpeg
-from commoncanvas.scrape.worker import CATALOG_COLUMNS
+from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def write_catalog(root: Path) -> None:
     with MDSWriter(out=str(root / "commercial"), columns=CATALOG_COLUMNS, size_limit=9_000) as writer:
         for number in range(IMAGES):
             image = synthetic_jpeg(number, (96, 72))
-            row = {name: "" for name, encoding in CATALOG_COLUMNS.items() if encoding == "str"}
+            row = blank_catalog_row()
             row.update(image=image, photo_id=100 + number, license_code="cc0", tags=[], width=96, height=72)
             writer.write(row)
 

@@ -21,7 +21,7 @@ from commoncanvas import units
 from commoncanvas.caption.unitplan import InputMissing
 from commoncanvas.caption.worker import CAPTION_COLUMNS
 from commoncanvas.sample import synthetic_jpeg
-from commoncanvas.scrape.worker import CATALOG_COLUMNS
+from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 from commoncanvas.specs import TrainRun
 from commoncanvas.train import latents
 
@@ -49,6 +49,7 @@ def write_captions(root: Path, count: int, shard_bytes: int = 1 << 26, license_c
             width, height = SIZES[number % len(SIZES)]
             writer.write(
                 {
+                    **blank_catalog_row(),
                     "image": synthetic_jpeg(number, (width, height)),
                     "photo_id": 500 + number,
                     "split": "commercial",
@@ -186,7 +187,7 @@ def test_a_corrupt_image_is_excluded_with_its_reason(tmp_path: Path) -> None:
     columns = {**CATALOG_COLUMNS, **CAPTION_COLUMNS}
     with MDSWriter(out=str(bad / "commercial"), columns=columns) as writer:
         for number in range(4):
-            row = {name: "" for name, enc in columns.items() if enc == "str"}
+            row = {**blank_catalog_row(), **{name: "" for name, enc in columns.items() if enc == "str"}}
             image = synthetic_jpeg(number, (80, 80))
             row.update(
                 image=image[:150] if number == 2 else image,

@@ -22,7 +22,7 @@ from streaming import MDSWriter, StreamingDataset
 from commoncanvas.caption.worker import CAPTION_COLUMNS
 from commoncanvas.licenses import BY_CODE
 from commoncanvas.sample import synthetic_jpeg
-from commoncanvas.scrape.worker import CATALOG_COLUMNS
+from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 from commoncanvas.specs import TrainRun
 from commoncanvas.specs.train import Optimizations
 from commoncanvas.storage import open_storage
@@ -55,6 +55,7 @@ def write_split(root: Path, split: str, codes: list[str], first_id: int) -> None
             width, height = [(96, 72), (72, 96), (64, 64)][number % 3]
             writer.write(
                 {
+                    **blank_catalog_row(),
                     "image": synthetic_jpeg(photo, (width, height)),
                     "photo_id": photo,
                     "split": split,

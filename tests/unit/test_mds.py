@@ -8,11 +8,15 @@ import pytest
 from streaming import MDSWriter, StreamingDataset
 
 from commoncanvas.mds import MDSShardWriter
-from commoncanvas.scrape.worker import CATALOG_COLUMNS
+from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 
 
 def catalog_sample(number: int) -> dict[str, object]:
     return {
+        **blank_catalog_row(),
+        "description": f"line one\u2028line two\rof {number}",
+        "machine_tags": [f"geo:zoom={number}"],
+        "date_uploaded": 1_200_000_000 + number,
         "image": bytes([number % 256]) * (1000 + 37 * number),
         "photo_id": 10**10 + number,
         "split": "commercial",

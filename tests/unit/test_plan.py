@@ -114,8 +114,17 @@ def test_url_templates_from_the_policy_are_used() -> None:
 # --- one row ----------------------------------------------------------------------------------------
 
 
-def test_planned_sample_carries_license_attribution_and_candidates() -> None:
-    sample = plan_record(record(line=17), LicensePolicy(), FetchPolicy())
+def test_planned_sample_carries_license_attribution_candidates_and_every_field_read() -> None:
+    extra = {
+        "description": "A calm evening\u2028by the sea",
+        "machine_tags": ("geo:lat=51.5",),
+        "capture_device": "Canon EOS 5D",
+        "longitude": "-0.12",
+        "latitude": "51.5",
+        "accuracy": "16",
+        "photo_hash": "0123456789abcdef0123456789abcdef",
+    }
+    sample = plan_record(record(line=17, **extra), LicensePolicy(), FetchPolicy())
     assert sample == PlannedSample(
         photo_id=2911838707,
         line=17,
@@ -129,7 +138,12 @@ def test_planned_sample_carries_license_attribution_and_candidates() -> None:
         tags=("harbour", "boats"),
         page_url="http://www.flickr.com/photos/12345678@N00/2911838707/",
         candidates=(ORIGINAL, LARGE, DOWNLOAD),
+        date_taken="2013-06-01 12:00:00",
+        date_uploaded=1370088000,
+        download_url=DOWNLOAD,
+        **extra,
     )
+    assert PlannedSample.from_json(sample.to_json()) == sample
 
 
 def test_noncommercial_license_is_planned_into_the_noncommercial_split() -> None:

@@ -4,6 +4,7 @@ and the tests' fault routes) on loopback, with optional per-request latency."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import mimetypes
 import socket
 import threading
@@ -32,6 +33,7 @@ class LocalHTTPServer:
         latency: float = 0.0,
         on_request: Callable[[str], None] | None = None,
         port: int | None = None,
+        basic_auth: str | None = None,
     ) -> None:
         self.root = root
         self.files = files or {}
@@ -39,6 +41,10 @@ class LocalHTTPServer:
         self.latency = latency
         self.on_request = on_request
         self.port = port or free_port()
+        # "user:password" every request must carry (a mirror behind basic auth), else 401.
+        self.authorization = (
+            "Basic " + base64.b64encode(basic_auth.encode()).decode() if basic_auth is not None else None
+        )
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.requests: list[str] = []
         self._loop = asyncio.new_event_loop()
@@ -49,6 +55,8 @@ class LocalHTTPServer:
         self.requests.append(request.path)
         if self.on_request is not None:
             self.on_request(request.path)
+        if self.authorization is not None and request.headers.get("Authorization") != self.authorization:
+            return web.Response(status=401, text="credentials required")
         if self.latency:
             await asyncio.sleep(self.latency)
         if request.path in self.routes:

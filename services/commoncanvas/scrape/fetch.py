@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import io
 import random
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -28,7 +29,8 @@ from aiolimiter import AsyncLimiter
 from PIL import Image
 
 from commoncanvas import metrics
-from commoncanvas.redact import bare_host, redact_text, redact_url
+from commoncanvas.images import set_pixel_limit
+from commoncanvas.redact import bare_host, redact_text, redact_url, strip_userinfo
 from commoncanvas.scrape.plan import PlannedSample
 from commoncanvas.specs.scrape import FetchPolicy, Filters
 
@@ -46,9 +48,6 @@ CGNAT = IPv4Network("100.64.0.0/10")
 # placeholders are small and hashing a large original would cost a full decode.
 DHASH_MAX_DISTANCE = 4
 DHASH_MAX_PIXELS = 4_000_000
-# Filters.max_pixels, checked from the header before decoding, is the decompression-bomb guard;
-# Pillow's own fixed limit would otherwise override the configured one.
-Image.MAX_IMAGE_PIXELS = None
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -150,6 +149,8 @@ def validate_image(data: bytes, content_type: str, filters: Filters) -> ValidIma
                 image.load()
     except FetchFailure:
         raise
+    except Image.DecompressionBombError as exc:  # above twice Pillow's guard: refused by Image.open
+        raise FetchFailure("decompression-bomb", str(exc)) from None
     except Exception as exc:  # Pillow raises many types for broken files
         raise FetchFailure("corrupt", f"{type(exc).__name__}: {exc}") from None
     return ValidImage(width, height, fmt, hashlib.sha256(data).hexdigest())
@@ -240,6 +241,37 @@ class Placeholders:
                         f"dhash {value:016x} is within {DHASH_MAX_DISTANCE} bits of placeholder {known:016x}"
                     )
         return None
+
+
+class TemplateCredentials:
+    """The `user:password@` of the spec's URL templates (a mirror behind basic auth), by the origin
+    pattern it was written for. Plans hold URLs without it; it is put back on a request (and a
+    redirect hop) only where the hop's host and port match that template's."""
+
+    def __init__(self, fetch: FetchPolicy) -> None:
+        self._by_origin: list[tuple[re.Pattern[str], str]] = []
+        for template in (fetch.original_url_template, fetch.sized_url_template):
+            netloc = template.split("://", 1)[-1].split("/", 1)[0]
+            if "@" not in netloc:
+                continue
+            userinfo, _, origin = netloc.rpartition("@")
+            # "{farm}" and the like in a host match any run of host characters.
+            pattern = "".join(
+                "[^/@]*" if piece.startswith("{") else re.escape(piece)
+                for piece in re.split(r"(\{[^}]*\})", origin)
+                if piece
+            )
+            self._by_origin.append((re.compile(pattern, re.IGNORECASE), userinfo))
+
+    def apply(self, url: str) -> str:
+        if not self._by_origin:
+            return url
+        scheme, _, rest = url.partition("://")
+        netloc, slash, path = rest.partition("/")
+        for origin, userinfo in self._by_origin:
+            if origin.fullmatch(netloc):
+                return f"{scheme}://{userinfo}@{netloc}{slash}{path}"
+        return url
 
 
 class HostPolicy:
@@ -350,9 +382,12 @@ class Fetcher:
     def __init__(self, fetch: FetchPolicy, filters: Filters, split: str = "") -> None:
         self.policy = fetch
         self.filters = filters
+        # Pillow's guard from validate_image's header limit: it never refuses what that allows.
+        set_pixel_limit(filters.max_pixels)
         self.split = split
         self.hosts = HostPolicy(fetch)
         self.placeholders = Placeholders(fetch)
+        self.credentials = TemplateCredentials(fetch)
         self._agent = fetch.user_agent.split("/", 1)[0].strip().lower()
         self._limiters: dict[str, AsyncLimiter] = {}
         self._seen: set[str] = set()
@@ -444,10 +479,10 @@ class Fetcher:
             if (marker := self.placeholders.url_marker(hop)) is not None:
                 raise FetchFailure("unavailable", f"{redact_url(url)} -> {redact_url(hop)} ({marker!r})")
             self.hosts.check_url(hop)
-            target, data, content_type = await self._request(session, hop, budget)
+            target, data, content_type = await self._request(session, self.credentials.apply(hop), budget)
             if target is None:
                 return data, content_type, hop
-            hop = target
+            hop = strip_userinfo(target)  # a redirect never chooses credentials
         raise FetchFailure("too-many-redirects", f"{redact_url(url)}: over {self.policy.max_redirects}")
 
     def _check(self, data: bytes, content_type: str) -> ValidImage:

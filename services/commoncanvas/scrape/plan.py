@@ -36,6 +36,7 @@ from commoncanvas.metadata import (
     layout_of,
     read_part,
 )
+from commoncanvas.redact import strip_userinfo
 from commoncanvas.specs.scrape import FetchPolicy, ScrapeJobSpec
 from commoncanvas.storage import Storage, open_storage
 
@@ -62,6 +63,17 @@ class PlannedSample(NamedTuple):
     tags: tuple[str, ...]
     page_url: str
     candidates: tuple[str, ...]
+    # Informational: carried into the catalog as read (blank where unreadable), never a reason to drop.
+    description: str = ""
+    machine_tags: tuple[str, ...] = ()
+    date_taken: str = ""
+    date_uploaded: int = 0
+    capture_device: str = ""
+    longitude: str = ""
+    latitude: str = ""
+    accuracy: str = ""
+    photo_hash: str = ""
+    download_url: str = ""
 
     def to_json(self) -> str:
         """One JSON line, as json.dumps(self._asdict(), ensure_ascii=False) writes it at a third of the
@@ -73,7 +85,13 @@ class PlannedSample(NamedTuple):
             f'"license_url": {q(self.license_url)}, "author": {q(self.author)}, '
             f'"author_nsid": {q(self.author_nsid)}, "title": {q(self.title)}, '
             f'"tags": [{", ".join(map(q, self.tags))}], "page_url": {q(self.page_url)}, '
-            f'"candidates": [{", ".join(map(q, self.candidates))}]}}'
+            f'"candidates": [{", ".join(map(q, self.candidates))}], '
+            f'"description": {q(self.description)}, '
+            f'"machine_tags": [{", ".join(map(q, self.machine_tags))}], '
+            f'"date_taken": {q(self.date_taken)}, "date_uploaded": {self.date_uploaded}, '
+            f'"capture_device": {q(self.capture_device)}, "longitude": {q(self.longitude)}, '
+            f'"latitude": {q(self.latitude)}, "accuracy": {q(self.accuracy)}, '
+            f'"photo_hash": {q(self.photo_hash)}, "download_url": {q(self.download_url)}}}'
         )
 
     @classmethod
@@ -81,6 +99,7 @@ class PlannedSample(NamedTuple):
         data = json.loads(text)
         data["tags"] = tuple(data["tags"])
         data["candidates"] = tuple(data["candidates"])
+        data["machine_tags"] = tuple(data.get("machine_tags", ()))
         return cls(**data)
 
 
@@ -102,7 +121,9 @@ def candidate_urls(record: PhotoRecord, fetch: FetchPolicy) -> tuple[str, ...]:
             urls.append(fetch.sized_url_template.format_map(values))
     if fetch.use_download_url and record.download_url:
         urls.append(record.download_url)
-    return tuple(dict.fromkeys(urls))
+    # Plans never hold a credential: a template's is put back at fetch time for its own origin only
+    # (fetch.TemplateCredentials); one planted in the metadata's download URL is never sent.
+    return tuple(dict.fromkeys(map(strip_userinfo, urls)))
 
 
 def plan_record(record: PhotoRecord, policy: LicensePolicy, fetch: FetchPolicy) -> PlannedSample | str:
@@ -127,8 +148,18 @@ def plan_record(record: PhotoRecord, policy: LicensePolicy, fetch: FetchPolicy) 
         author_nsid=record.user_nsid,
         title=record.title,
         tags=record.tags,
-        page_url=record.page_url,
+        page_url=strip_userinfo(record.page_url),
         candidates=candidates,
+        description=record.description,
+        machine_tags=record.machine_tags,
+        date_taken=record.date_taken,
+        date_uploaded=record.date_uploaded,
+        capture_device=record.capture_device,
+        longitude=record.longitude,
+        latitude=record.latitude,
+        accuracy=record.accuracy,
+        photo_hash=record.photo_hash,
+        download_url=strip_userinfo(record.download_url),
     )
 
 

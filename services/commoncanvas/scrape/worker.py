@@ -13,9 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from commoncanvas import metrics, units
+from commoncanvas.identity import check_not_input, claim_output
 from commoncanvas.mds import MDSShardWriter
 from commoncanvas.scrape.fetch import Fetcher, FetchResult
-from commoncanvas.scrape.plan import PLAN_SUMMARY, plan_hash, read_unit_plan, read_units, write_plan
+from commoncanvas.scrape.plan import (
+    PLAN_SUMMARY,
+    SPLITS,
+    PlannedSample,
+    plan_hash,
+    read_unit_plan,
+    read_units,
+    write_plan,
+)
 from commoncanvas.specs.scrape import ScrapeJobSpec
 from commoncanvas.units import StageLayout
 from commoncanvas.workqueue import TransientUnitError
@@ -24,7 +33,8 @@ log = logging.getLogger(__name__)
 STAGE = "scrape"
 FAILURES_KEPT = 10_000  # per unit; the counts are always exact
 
-# The catalog's columns: the image as fetched (native resolution) and its full license + attribution.
+# The catalog's columns: the image as fetched (native resolution), its full license + attribution and
+# every YFCC100M field read (CommonCatalog's; the README lists them). Later stages carry them all.
 CATALOG_COLUMNS = {
     "image": "bytes",
     "photo_id": "int",
@@ -35,42 +45,84 @@ CATALOG_COLUMNS = {
     "author": "str",
     "author_nsid": "str",
     "title": "str",
+    "description": "str",
     "tags": "json",
+    "machine_tags": "json",
+    "date_taken": "str",
+    "date_uploaded": "int",
+    "capture_device": "str",
+    "longitude": "str",
+    "latitude": "str",
+    "accuracy": "str",
+    "photo_hash": "str",
     "page_url": "str",
+    "download_url": "str",
     "fetched_url": "str",
     "width": "int",
     "height": "int",
     "sha256": "str",
 }
+# Columns of the plan's sample copied as they are.
+_PLANNED_COLUMNS = tuple(
+    name for name in CATALOG_COLUMNS if name in PlannedSample._fields and name not in ("tags", "machine_tags")
+)
+
+
+_BLANK = {"bytes": b"", "str": "", "int": 0, "json": []}
+
+
+def blank_catalog_row(**values: Any) -> dict[str, Any]:
+    """A catalog row with every column blank but `values` (for tests and benchmarks that write one)."""
+    return {name: _BLANK[encoding] for name, encoding in CATALOG_COLUMNS.items()} | values
 
 
 def catalog_row(result: FetchResult) -> dict[str, Any]:
     s = result.sample
-    return {
-        "image": result.data,
-        "photo_id": s.photo_id,
-        "split": s.split,
-        "license_code": s.license_code,
-        "license_name": s.license_name,
-        "license_url": s.license_url,
-        "author": s.author,
-        "author_nsid": s.author_nsid,
-        "title": s.title,
-        "tags": list(s.tags),
-        "page_url": s.page_url,
-        "fetched_url": result.url,
-        "width": result.width,
-        "height": result.height,
-        "sha256": result.sha256,
-    }
+    row: dict[str, Any] = {name: getattr(s, name) for name in _PLANNED_COLUMNS}
+    row.update(
+        image=result.data,
+        tags=list(s.tags),
+        machine_tags=list(s.machine_tags),
+        fetched_url=result.url,
+        width=result.width,
+        height=result.height,
+        sha256=result.sha256,
+    )
+    return row
 
 
 def layout_of(spec: ScrapeJobSpec) -> StageLayout:
     return StageLayout.at(spec.output.uri)
 
 
+# What decides which samples the catalog keeps, beyond the plan itself (its source, license policy,
+# URL templates and unit size are in plan_hash): a rerun with another value must not reuse the units.
+OUTPUT_SETTINGS = {
+    "spec.filters.minSide": lambda s: s.filters.min_side,
+    "spec.filters.maxPixels": lambda s: s.filters.max_pixels,
+    "spec.filters.check": lambda s: s.filters.check,
+    "spec.fetch.maxBytes": lambda s: s.fetch.max_bytes,
+    "spec.fetch.allowedHosts": lambda s: s.fetch.allowed_hosts,
+    "spec.fetch.allowPrivateNetworks": lambda s: s.fetch.allow_private_networks,
+    "spec.fetch.honorRobotsTags": lambda s: s.fetch.honor_robots_tags,
+    "spec.fetch.unavailableUrlMarkers": lambda s: s.fetch.unavailable_url_markers,
+    "spec.fetch.placeholderFingerprints": lambda s: s.fetch.placeholder_fingerprints,
+    "spec.source.uri": lambda s: s.source.uri,
+    "spec.licenses.allow": lambda s: sorted(s.licenses.allow),
+    "spec.unitSize": lambda s: s.unit_size,
+    "spec.fetch.originalUrlTemplate": lambda s: s.fetch.original_url_template,
+    "spec.fetch.sizedUrlTemplate": lambda s: s.fetch.sized_url_template,
+    "spec.fetch.useDownloadUrl": lambda s: s.fetch.use_download_url,
+}
+
+
 def ensure_plan(spec: ScrapeJobSpec, layout: StageLayout) -> dict[str, Any]:
-    """Plan once; a rerun reuses the plan if it was made from the same inputs, else refuses."""
+    """Plan once; a rerun reuses the plan if it was made from the same inputs and settings, else
+    refuses naming the field."""
+    check_not_input(spec.output.uri, "spec.output.uri", [(spec.source.uri, "spec.source.uri")], nested=False)
+    claim_output(
+        layout, "ScrapeJob", {name: get(spec) for name, get in OUTPUT_SETTINGS.items()}, "spec.output.uri"
+    )
     if layout.plan.exists(PLAN_SUMMARY):
         summary: dict[str, Any] = json.loads(layout.plan.read_text(PLAN_SUMMARY))
         if summary.get("spec_hash") != plan_hash(spec):
@@ -176,9 +228,7 @@ def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
     """Once every unit has its marker: merge each split's index and write the job summary."""
     layout = layout_of(spec)
     plan = ensure_plan(spec, layout)
-    merged = units.summarize(layout, {u["unit"]: u["split"] for u in read_units(layout.plan)})
-    for split in ("commercial", "noncommercial"):
-        merged["samples"].setdefault(split, 0)
+    merged = units.summarize(layout, {u["unit"]: u["split"] for u in read_units(layout.plan)}, SPLITS)
     excluded = Counter(plan["excluded"])
     excluded.update({f"fetch:{outcome}": n for outcome, n in merged.pop("failed").items()})
     result = {
