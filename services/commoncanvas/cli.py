@@ -19,13 +19,15 @@ def _echo_json(data: object) -> None:
 
 
 class _UserErrors(click.Group):
-    """Errors a person can act on print as one clear message instead of a traceback (-v keeps it)."""
+    """Errors a person can act on print as one clear message instead of a traceback (-v keeps it).
+    SpecError covers resource files (YAML, schema, references, URIs) and PlanMismatch (OutputReused) an
+    output made with other settings; a bare ValueError is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from commoncanvas.caption.unitplan import InputMissing
         from commoncanvas.metadata import MetadataError
         from commoncanvas.runner import UnitsFailed
-        from commoncanvas.storage import StorageError
+        from commoncanvas.storage import InvalidURI, StorageError
         from commoncanvas.workqueue import UnitsGivenUp
 
         try:
@@ -37,6 +39,7 @@ class _UserErrors(click.Group):
             UnitsGivenUp,
             InputMissing,
             StorageError,
+            InvalidURI,
             LookupError,
             FileNotFoundError,
         ) as exc:

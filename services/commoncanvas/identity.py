@@ -14,12 +14,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from commoncanvas.redact import redact_text
+from commoncanvas.specs.common import PlanMismatch
 from commoncanvas.units import StageLayout
 
 IDENTITY_KEY = "identity.json"  # under the output's _plan/
 
 
-class OutputReused(ValueError):
+class OutputReused(PlanMismatch):
     """An output made by another stage or with other settings, or one that is also the input."""
 
 

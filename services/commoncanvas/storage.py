@@ -7,6 +7,7 @@ only from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an inst
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -283,10 +284,45 @@ class S3Storage(Storage):
         return len(keys)
 
 
+class InvalidURI(ValueError):
+    """A storage URI that names no place: the message says what is wrong and what to write."""
+
+
+# S3's bucket names (MinIO's too): lowercase letters, digits, dots and hyphens, at most 63 characters.
+_BUCKET = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def check_uri(uri: str | Path) -> None:
+    """Raise InvalidURI unless `uri` is a local path, file://PATH or s3://BUCKET[/PREFIX]. No I/O."""
+    text = str(uri)
+    usage = "use a local path or s3://BUCKET/PREFIX"
+    if not text.strip():
+        raise InvalidURI(f"the storage URI is empty; {usage}")
+    if text.startswith("s3://"):
+        bucket = text.removeprefix("s3://").partition("/")[0]
+        if not bucket:
+            raise InvalidURI(f"{text!r} names no bucket; {usage}")
+        if not _BUCKET.match(bucket):
+            raise InvalidURI(
+                f"{text!r}: {bucket!r} is not a bucket name (lowercase letters, digits, '.' and '-', "
+                f"at most 63); {usage}"
+            )
+        return
+    if text.startswith("file://"):
+        if not text.removeprefix("file://"):
+            raise InvalidURI(f"{text!r} names no path; {usage}")
+        return
+    scheme = _SCHEME.match(text)
+    if scheme and "://" in text:
+        raise InvalidURI(f"{text!r}: the scheme {scheme.group(1)}:// is not supported; {usage}")
+    if scheme and scheme.group(1).lower() == "s3":
+        raise InvalidURI(f"{text!r} is not an s3:// URI (two slashes); {usage}")
+
+
 def open_storage(uri: str | Path) -> Storage:
+    check_uri(uri)
     text = str(uri)
     if text.startswith("s3://"):
         return S3Storage(text)
-    if "://" in text and not text.startswith("file://"):
-        raise ValueError(f"unsupported storage URI {text!r}: use a local path or s3://bucket/prefix")
     return LocalStorage(text.removeprefix("file://"))

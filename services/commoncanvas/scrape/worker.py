@@ -25,6 +25,7 @@ from commoncanvas.scrape.plan import (
     read_units,
     write_plan,
 )
+from commoncanvas.specs.common import PlanMismatch
 from commoncanvas.specs.scrape import ScrapeJobSpec
 from commoncanvas.units import StageLayout
 from commoncanvas.workqueue import TransientUnitError
@@ -126,7 +127,7 @@ def ensure_plan(spec: ScrapeJobSpec, layout: StageLayout) -> dict[str, Any]:
     if layout.plan.exists(PLAN_SUMMARY):
         summary: dict[str, Any] = json.loads(layout.plan.read_text(PLAN_SUMMARY))
         if summary.get("spec_hash") != plan_hash(spec):
-            raise ValueError(
+            raise PlanMismatch(
                 f"{layout.plan.uri} holds a plan made from a different source, license policy, URL "
                 "templates or unit size; use a new output URI (finished units would not match)"
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import json
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -71,27 +73,219 @@ class SpecError(ValueError):
     """A resource file that does not validate; the message names the file, document and field."""
 
 
-def format_validation_error(exc: ValidationError, where: str) -> str:
-    lines = [f"{where} is not a valid resource:"]
-    for error in exc.errors():
+class PlanMismatch(SpecError):
+    """An output already holds a plan made from other inputs or settings: the message names the output
+    and says to use a new output URI (the finished units there would not match)."""
+
+
+# A resource file is a few resources, not a data set; the API server caps an object near 1.5 MiB.
+MAX_FILE_BYTES = 8 * 1024 * 1024
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses but that a resource file may not hold; `hint` says what to write instead."""
+
+    def __init__(self, problem: str, mark: yaml.Mark, hint: str) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.hint = hint
+
+
+class ResourceLoader(yaml.SafeLoader):
+    """SafeLoader for resource files: what it builds is JSON (what the API server would store).
+
+    Aliases are refused (a manifest never needs one, and refusing them is what makes a billion-laughs
+    file fail at its first alias, in bounded memory); so are duplicate keys (the later would silently
+    win), and tags beyond JSON's types (!!binary, !!set, !!omap, !!pairs). Timestamps stay strings, as
+    kubectl keeps them."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(
+                f"YAML alias *{event.anchor} is not accepted in a resource file",
+                event.start_mark,
+                "write the value out instead of referring to an anchor",
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                first = seen.setdefault((key.tag, key.value), key)
+                if first is not key:
+                    raise _Refused(
+                        f"duplicate key {key.value!r} (first at line {first.start_mark.line + 1})",
+                        key.start_mark,
+                        "keep one of them",
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+    def _timestamp_as_str(self, node: yaml.Node) -> str:
+        return str(self.construct_scalar(node))  # type: ignore[arg-type]
+
+    def _refuse_tag(self, node: yaml.Node) -> Any:
+        raise _Refused(
+            f"the tag {node.tag} is not accepted in a resource file",
+            node.start_mark,
+            "use a string, number, boolean, null, list or mapping",
+        )
+
+
+ResourceLoader.add_constructor("tag:yaml.org,2002:timestamp", ResourceLoader._timestamp_as_str)
+for _tag in ("binary", "set", "omap", "pairs"):
+    ResourceLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", ResourceLoader._refuse_tag)
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError, text: str) -> SpecError:
+    """One line naming the file, line and column of a YAML problem."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        if isinstance(exc, _Refused):
+            return SpecError(f"{where}: {exc.problem}; {exc.hint}")
+        problem = exc.problem or exc.context or "cannot be parsed"
+        if exc.context and exc.problem and exc.context_mark:
+            problem = f"{problem} ({exc.context} at line {exc.context_mark.line + 1})"
+        return SpecError(f"{where}: invalid YAML: {problem}; fix the syntax")
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return SpecError(
+            f"{path}:{line}: invalid YAML: the control character #x{exc.character:04x} is not allowed in "
+            "YAML; remove it"
+        )
+    return SpecError(f"{path}: invalid YAML: {' '.join(str(exc).split())}; fix the syntax")
+
+
+def read_documents(path: str | Path) -> list[tuple[yaml.Node, Any]]:
+    """Every non-empty document of a YAML file, as (node, value): the node has the lines, the value is
+    plain JSON. Anything wrong with the file raises SpecError with one line naming the file and line."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise SpecError(
+            f"{path} is {size} bytes; a resource file holds at most {MAX_FILE_BYTES // 2**20} MiB of "
+            "resources, so split it or check that it is the right file"
+        )
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = bom + exc.start
+        line = data.count(b"\n", 0, start) + 1
+        raise SpecError(
+            f"{path}:{line}: byte {start} (0x{data[start]:02x}) is not UTF-8; save the file as UTF-8"
+        ) from None
+    documents: list[tuple[yaml.Node, Any]] = []
+    loader: ResourceLoader | None = None
+    try:
+        loader = ResourceLoader(text)
+        while loader.check_node():
+            node = loader.get_node()
+            value = loader.construct_document(node) if node is not None else None
+            if node is not None and value is not None:
+                documents.append((node, value))
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc, text) from None
+    except RecursionError:
+        raise SpecError(f"{path}: invalid YAML: nested too deeply; a resource is a few levels deep") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return documents
+
+
+def line_of(node: yaml.Node, loc: tuple[int | str, ...]) -> int:
+    """The line (from 1) of the field at `loc` (a pydantic error location), or of its nearest parent that
+    is there (a missing field is reported at its parent)."""
+    line: int = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    line, node = key.start_mark.line + 1, value
+                    break
+            else:
+                break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _got(error: Any) -> str:
+    """What the field held, for the scalar inputs whose type or range is wrong."""
+    value = error.get("input")
+    if error["type"] == "missing" or isinstance(value, dict | list):
+        return ""
+    if isinstance(value, str):
+        return f" (got {value!r})" if len(value) <= 60 else ""
+    return f" (got {json.dumps(value)})"
+
+
+def format_validation_error(
+    exc: ValidationError,
+    where: str,
+    source: str | Path | None = None,
+    node: yaml.Node | None = None,
+) -> str:
+    """One line for one problem (`FILE:LINE: ...` when the file and its node are known); several
+    problems are listed one per line under a header, each with its line."""
+    errors = exc.errors(include_url=False)
+
+    def problem(error: Any) -> str:
         field = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        lines.append(f"  {field}: {error['msg']}")
+        return f"{field}: {error['msg']}{_got(error)}"
+
+    if len(errors) == 1:
+        at = ""
+        if source is not None:
+            at = f"{source}:{line_of(node, errors[0]['loc'])}: " if node is not None else f"{source}: "
+        return f"{at}{where} is not a valid resource: {problem(errors[0])}"
+    header = f"{source}: {where}" if source is not None else where
+    lines = [f"{header} is not a valid resource ({len(errors)} problems):"]
+    for error in errors:
+        line = f" (line {line_of(node, error['loc'])})" if node is not None else ""
+        lines.append(f"  {problem(error)}{line}")
     return "\n".join(lines)
 
 
 def load_resources(path: str | Path, kinds: Mapping[str, type[BaseModel]]) -> list[Any]:
-    """Every document of a YAML file, each validated by the model its `kind` names."""
+    """Every document of a YAML file, each validated by the model its `kind` names, strictly (as the API
+    server reads JSON: `concurrency: true` or `"5"` for a number is an error, `1` for a float is not).
+    Two resources of one kind and name in a file are an error too."""
     path = Path(path)
     resources: list[Any] = []
-    with path.open() as handle:
-        docs = [doc for doc in yaml.safe_load_all(handle) if doc]
-    for number, doc in enumerate(docs, start=1):
-        where = f"{path} (document {number})"
-        kind = doc.get("kind") if isinstance(doc, dict) else None
+    first_line: dict[tuple[str, str], int] = {}
+    for number, (node, doc) in enumerate(read_documents(path), start=1):
+        line = node.start_mark.line + 1
+        if not isinstance(doc, dict):
+            raise SpecError(
+                f"{path}:{line}: document {number} is a {type(doc).__name__}, not a mapping; each "
+                "document is one resource with apiVersion, kind, metadata and spec"
+            )
+        kind = doc.get("kind")
         if not isinstance(kind, str) or kind not in kinds:
-            raise SpecError(f"{where}: kind {kind!r} is not one of {sorted(kinds)}")
+            raise SpecError(
+                f"{path}:{line_of(node, ('kind',))}: document {number}: kind {kind!r} is not one of "
+                f"{sorted(kinds)}; fix the kind"
+            )
+        metadata = doc.get("metadata")
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        where = f"document {number} ({kind} {name!r})" if isinstance(name, str) else f"document {number}"
         try:
-            resources.append(kinds[kind].model_validate(doc))
+            resource: Any = kinds[kind].model_validate_json(json.dumps(doc), strict=True)
         except ValidationError as exc:
-            raise SpecError(format_validation_error(exc, where)) from None
+            raise SpecError(format_validation_error(exc, where, path, node)) from None
+        name_line = line_of(node, ("metadata", "name"))
+        first = first_line.setdefault((kind, resource.metadata.name), name_line)
+        if first != name_line:
+            raise SpecError(
+                f"{path}:{name_line}: {kind} {resource.metadata.name!r} is already defined at line {first} "
+                "of this file; give each resource its own metadata.name"
+            )
+        resources.append(resource)
     return resources
