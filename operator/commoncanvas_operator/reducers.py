@@ -171,6 +171,8 @@ def _counts_from_summary(kind: str, summary: Obj | None, output_uri: str) -> Obj
     if kind == "ScrapeJob":
         counts["samples"] = samples
         counts["licenses"] = dict(summary.get("licenses") or {})
+        counts["transient"] = dict(summary.get("transient") or {})
+        counts["warnings"] = dict(summary.get("warnings") or {})
     else:
         counts["captions"] = dict(summary.get("captions") or samples)
     outputs = summary.get("outputs")

@@ -187,11 +187,11 @@ def scrape_work(file: Path, worker: int, metrics_port: int) -> None:
 @_FILE
 @_TERMINATION_LOG
 def scrape_prepare(file: Path, termination_log: Path | None) -> None:
-    """Plan the ScrapeJob in FILE once (kept under its output) and print {"units": N}."""
-    from commoncanvas.scrape.worker import ensure_plan, layout_of
+    """Plan the ScrapeJob in FILE once (kept under its output), add retry units for samples an earlier
+    run left transient, and print {"units": N}."""
+    from commoncanvas.scrape.worker import prepare
 
-    spec = _load_one(file, "ScrapeJob").spec
-    _report_units(int(ensure_plan(spec, layout_of(spec))["units"]), termination_log)
+    _report_units(prepare(_load_one(file, "ScrapeJob").spec), termination_log)
 
 
 @scrape.command("finalize")

@@ -204,11 +204,11 @@ class LocalRun:
         from commoncanvas.scrape import worker
 
         layout = worker.layout_of(job.spec)
-        plan = worker.ensure_plan(job.spec, layout)
+        total = worker.prepare(job.spec)
         run_workers(
             f"{job.metadata.name} scrape",
             layout.output,
-            plan["units"],
+            total,
             partial(worker.ScrapeStage, job.spec),
             local_processes(job.spec.parallelism),
             self.show_progress,

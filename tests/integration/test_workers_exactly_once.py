@@ -265,3 +265,50 @@ def test_an_image_host_outage_publishes_nothing_and_a_rerun_after_it_fetches_eve
     found = [photo_id for photo_id, _ in catalog(output, tmp_path / "read")]
     assert sorted(found) == sorted(expected) and len(found) == len(set(found))
     assert sum(summary["samples"].values()) == len(expected)
+
+
+def test_samples_failing_transiently_below_the_budget_are_fetched_by_a_rerun_exactly_once(
+    served_sample: tuple[Sample, LocalHTTPServer], tmp_path: Path
+) -> None:
+    from aiohttp import web
+
+    from commoncanvas.sample import served_files
+
+    sample, server = served_sample
+    rows = [row for split in ("commercial", "noncommercial") for row in sample.expected(split)]
+    flaky = rows[::3]  # a third of the photos answer 503 on every URL during the first run
+    outage = {"on": True}
+
+    def flaky_route(body: bytes) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            if outage["on"]:
+                return web.Response(status=503, text="try later")
+            return web.Response(body=body, content_type="image/jpeg")
+
+        return handle
+
+    for row in flaky:
+        for path, body in served_files(row).items():
+            server.routes[path] = flaky_route(body)
+    output = str(tmp_path / "out")
+    job = scrape_job(sample, server, output, fetch_retries=0)
+    job.spec.fetch.max_transient_failures = 1.0  # publish the units anyway: the rerun is under test
+    first = run_scrape(job, show_progress=False)
+    assert first["transient"] == {"http-503": len(flaky)}, "transient failures are not exclusions"
+    assert not any("503" in reason for reason in first["excluded"])
+    assert {p for p, _ in catalog(output, tmp_path / "r1")} == {r.photo_id for r in rows} - {
+        r.photo_id for r in flaky
+    }
+    outage["on"] = False
+    second = run_scrape(job, show_progress=False)
+    assert second["transient"] == {}
+    found = catalog(output, tmp_path / "r2")
+    assert sorted(p for p, _ in found) == sorted(r.photo_id for r in rows), "every photo exactly once"
+    assert sum(second["samples"].values()) == len(rows)
+    reference = str(tmp_path / "uninterrupted")
+    run_scrape(scrape_job(sample, server, reference, fetch_retries=0), show_progress=False)
+    assert found == catalog(reference, tmp_path / "r3"), "the same (photo_id, sha256) set as one clean run"
+    units_before = len(json.loads((tmp_path / "out" / "_plan" / "units.json").read_text()))
+    third = run_scrape(job, show_progress=False)
+    assert third["samples"] == second["samples"]
+    assert len(json.loads((tmp_path / "out" / "_plan" / "units.json").read_text())) == units_before

@@ -42,6 +42,7 @@ from commoncanvas.storage import Storage, open_storage
 
 MALFORMED_REPORTED = 1000  # line numbers kept in the summary; the count is always exact
 PLAN_SUMMARY = "summary.json"
+UNITS_FILE = "units.json"  # the unit list; a rerun appends retry units (scrape.worker.plan_retries)
 SPLITS = (Split.COMMERCIAL.value, Split.NONCOMMERCIAL.value)  # last partial units are written in this order
 _WRITE_BATCH = 1024  # planned lines buffered per temporary file
 _UNIT_WRITERS = 16  # unit files written at once (object stores take one request per unit)
@@ -403,7 +404,7 @@ def write_plan(
             planned.close()  # stop the pool before its temporary folder goes
             units.close()
     summary.rows, summary.layout, summary.warnings = stats.rows, stats.layout, stats.warnings
-    plan.write_text("units.json", json.dumps(summary.units, indent=0))
+    plan.write_text(UNITS_FILE, json.dumps(summary.units, indent=0))
     plan.write_text(PLAN_SUMMARY, json.dumps(summary.to_dict(), indent=1))
     return summary
 
@@ -422,7 +423,7 @@ def read_unit_plan(plan: Storage, unit: int) -> list[PlannedSample]:
 
 
 def read_units(plan: Storage) -> list[dict[str, Any]]:
-    units: list[dict[str, Any]] = json.loads(plan.read_text("units.json"))
+    units: list[dict[str, Any]] = json.loads(plan.read_text(UNITS_FILE))
     return units
 
 

@@ -19,10 +19,12 @@ from commoncanvas.scrape.fetch import Fetcher, FetchResult
 from commoncanvas.scrape.plan import (
     PLAN_SUMMARY,
     SPLITS,
+    UNITS_FILE,
     PlannedSample,
     plan_hash,
     read_unit_plan,
     read_units,
+    unit_plan_key,
     write_plan,
 )
 from commoncanvas.specs.common import PlanMismatch
@@ -33,6 +35,7 @@ from commoncanvas.workqueue import TransientUnitError
 log = logging.getLogger(__name__)
 STAGE = "scrape"
 FAILURES_KEPT = 10_000  # per unit; the counts are always exact
+RETRYABLE = "retryable"  # a marker's outcome for samples that failed transiently
 
 # The catalog's columns: the image as fetched (native resolution), its full license + attribution and
 # every YFCC100M field read (CommonCatalog's; the README lists them). Later stages carry them all.
@@ -166,8 +169,9 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
     outcomes: Counter[str] = Counter()
     written_licenses: Counter[str] = Counter()
     failures: list[dict[str, Any]] = []
+    retryable: list[tuple[int, str]] = []  # (plan line, outcome): fetched again by a rerun's retry units
     written_bytes = 0
-    transient, first_transient = 0, ""
+    first_transient = ""
     with tempfile.TemporaryDirectory(prefix=f"commoncanvas-scrape-{unit:06d}-") as tmp:
         local = units.staging_dir(layout.output, split, unit, attempt, Path(tmp))
         # One writer thread keeps shard flushes off the event loop and the rows in arrival order.
@@ -178,13 +182,14 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
             writes: list[Future[None]] = []
 
             def on_result(result: FetchResult) -> None:
-                nonlocal written_bytes, transient, first_transient
-                outcomes[result.outcome] += 1
-                if result.transient:
-                    transient += 1
-                    first_transient = first_transient or f"{result.outcome}: {result.detail[:200]}"
+                nonlocal written_bytes, first_transient
+                # A transient failure is never an exclusion: counted apart, its sample kept for a rerun.
+                outcomes[RETRYABLE if result.transient else result.outcome] += 1
                 metrics.SAMPLES.labels(STAGE, split, result.outcome).inc()
-                if result.outcome == "ok":
+                if result.transient:
+                    retryable.append((result.sample.line, result.outcome))
+                    first_transient = first_transient or f"{result.outcome}: {result.detail[:200]}"
+                elif result.outcome == "ok":
                     writes.append(write_thread.submit(writer.write, catalog_row(result)))
                     written_licenses[result.sample.license_code] += 1
                     written_bytes += len(result.data)
@@ -205,10 +210,10 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
         if outcomes["ok"]:
             units.upload_attempt(layout.output, split, unit, attempt, local)
     assert sum(outcomes.values()) == len(samples), "every planned sample must have an outcome"
-    if transient > spec.fetch.max_transient_failures * len(samples):
-        # An outage, not the photos: publishing now would make the lost samples final.
+    if len(retryable) > spec.fetch.max_transient_failures * len(samples):
+        # An outage, not the photos: publishing now would leave most of the unit to reruns.
         raise TransientUnitError(
-            f"unit {unit}: {transient} of {len(samples)} samples failed transiently (first: "
+            f"unit {unit}: {len(retryable)} of {len(samples)} samples failed transiently (first: "
             f"{first_transient}), over fetch.maxTransientFailures={spec.fetch.max_transient_failures:g}; "
             "the unit is retried, nothing of it is published"
         )
@@ -222,7 +227,61 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
         "seconds": round(time.perf_counter() - started, 3),
         "licenses": dict(sorted(written_licenses.items())),
         "failures": failures,
+        "retryable": sorted(retryable),
     }
+
+
+def pending_retries(layout: StageLayout, planned: list[dict[str, Any]]) -> dict[int, dict[int, str]]:
+    """Samples whose latest fetch failed transiently: {unit that reported them: {plan line: outcome}}.
+    A line is pending until a later (retry) unit holds it; each metadata line is planned once, so a
+    line names one sample."""
+    retried_in: dict[int, int] = {}  # line -> the latest retry unit holding it
+    for info in planned:
+        if info.get("retry"):
+            for sample in read_unit_plan(layout.plan, int(info["unit"])):
+                retried_in[sample.line] = int(info["unit"])
+    pending: dict[int, dict[int, str]] = {}
+    for unit, marker in units.read_markers(layout.output).items():
+        for line, outcome in marker.get("retryable", ()):
+            if retried_in.get(line, unit) <= unit:
+                pending.setdefault(unit, {})[int(line)] = str(outcome)
+    return pending
+
+
+def plan_retries(spec: ScrapeJobSpec, layout: StageLayout) -> int:
+    """A rerun's first step: once every planned unit has its marker, plan retry units (numbered after
+    the others, `unitSize` samples each, per split) holding the samples that failed transiently, so
+    they are fetched again without refetching or duplicating anything. Returns the units added."""
+    planned = read_units(layout.plan)
+    done = units.done_units(layout.output)
+    if any(int(info["unit"]) not in done for info in planned):
+        return 0  # an unfinished run: its own units first (a retry is for what finished transiently)
+    by_split: dict[str, list[PlannedSample]] = {}
+    for unit, lines in sorted(pending_retries(layout, planned).items()):
+        for sample in read_unit_plan(layout.plan, unit):
+            if sample.line in lines:
+                by_split.setdefault(sample.split, []).append(sample)
+    added: list[dict[str, Any]] = []
+    for split in SPLITS:
+        samples = sorted(by_split.get(split, ()), key=lambda s: s.line)
+        for start in range(0, len(samples), spec.unit_size):
+            chunk = samples[start : start + spec.unit_size]
+            unit = len(planned) + len(added)
+            layout.plan.write_bytes(unit_plan_key(unit), "".join(s.to_json() + "\n" for s in chunk).encode())
+            added.append({"unit": unit, "split": split, "samples": len(chunk), "retry": True})
+    if added:
+        # The unit files first, the list last: a reader never sees a unit without its file.
+        layout.plan.write_text(UNITS_FILE, json.dumps([*planned, *added], indent=0))
+    return len(added)
+
+
+def prepare(spec: ScrapeJobSpec) -> int:
+    """A run's first step (the plan pod's, or the local runner's): plan once, then retry units for
+    what an earlier run left transient. Returns how many units the workers have to see."""
+    layout = layout_of(spec)
+    ensure_plan(spec, layout)
+    plan_retries(spec, layout)
+    return len(read_units(layout.plan))
 
 
 def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
@@ -230,11 +289,21 @@ def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
     layout = layout_of(spec)
     plan = ensure_plan(spec, layout)
     merged = units.summarize(layout, {u["unit"]: u["split"] for u in read_units(layout.plan)}, SPLITS)
+    failed = merged.pop("failed")
+    failed.pop(RETRYABLE, None)  # counted below, by what is still to fetch (a retry unit may have it)
     excluded = Counter(plan["excluded"])
-    excluded.update({f"fetch:{outcome}": n for outcome, n in merged.pop("failed").items()})
+    excluded.update({f"fetch:{outcome}": n for outcome, n in failed.items()})
+    transient = Counter(
+        outcome
+        for lines in pending_retries(layout, read_units(layout.plan)).values()
+        for outcome in lines.values()
+    )
     result = {
         **merged,
         "excluded": dict(sorted(excluded.items())),
+        # Not exclusions: samples a rerun fetches again (retry units), by the outcome of their last try.
+        "transient": dict(sorted(transient.items())),
+        "warnings": plan.get("warnings", {}),
         "planned": {"commercial": plan["commercial"], "noncommercial": plan["noncommercial"]},
         "malformed": plan["malformed"],
     }

@@ -126,6 +126,13 @@ class ScrapeJobStatus(CommonStatus):
     samples: dict[str, int] = Field(default_factory=dict, description="Samples written per split")
     licenses: dict[str, int] = Field(default_factory=dict, description="Samples written per license code")
     excluded: dict[str, int] = Field(default_factory=dict, description="Rows or samples dropped, by reason")
+    transient: dict[str, int] = Field(
+        default_factory=dict,
+        description="Samples that failed transiently, by outcome: not dropped, a rerun fetches them",
+    )
+    warnings: dict[str, int] = Field(
+        default_factory=dict, description="Rows kept with an unreadable informational field, by field"
+    )
     images_per_second: float = 0
     outputs: dict[str, str] = Field(default_factory=dict, description="Split -> dataset URI")
 
