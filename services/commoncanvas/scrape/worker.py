@@ -106,6 +106,7 @@ OUTPUT_SETTINGS = {
     "spec.filters.maxPixels": lambda s: s.filters.max_pixels,
     "spec.filters.check": lambda s: s.filters.check,
     "spec.fetch.maxBytes": lambda s: s.fetch.max_bytes,
+    "spec.fetch.maxRedirects": lambda s: s.fetch.max_redirects,
     "spec.fetch.allowedHosts": lambda s: s.fetch.allowed_hosts,
     "spec.fetch.allowPrivateNetworks": lambda s: s.fetch.allow_private_networks,
     "spec.fetch.honorRobotsTags": lambda s: s.fetch.honor_robots_tags,
