@@ -135,6 +135,15 @@ LICENSES: tuple[License, ...] = (
 )
 
 BY_CODE: dict[str, License] = {lic.code: lic for lic in LICENSES}
+
+
+def restrictiveness(code: str) -> tuple[bool, bool, bool]:
+    """Orders licenses by what they forbid or demand: non-commercial first, then share-alike, then
+    attribution. Of copies of one image, the most restrictive license is the one that may stand."""
+    lic = BY_CODE[code]
+    return (not lic.commercial, lic.share_alike, lic.attribution)
+
+
 BY_FLICKR_ID: dict[int, License] = {lic.flickr_id: lic for lic in LICENSES}
 LICENSE_CODES: tuple[str, ...] = tuple(BY_CODE)
 # The default policy: everything that allows derivatives (drops every NoDerivs license and ARR).

@@ -40,11 +40,16 @@ class ShardImages(Dataset[dict[str, Any]]):
     and an error instead of pixels when the image cannot be decoded."""
 
     def __init__(
-        self, dataset: Any, to_pixels: Callable[[bytes], torch.Tensor], dropped: Collection[str] = ()
+        self,
+        dataset: Any,
+        to_pixels: Callable[[bytes], torch.Tensor],
+        dropped: Collection[str] = (),
+        duplicates: Collection[int] = (),
     ) -> None:
         self.dataset = dataset
         self.to_pixels = to_pixels
         self.dropped = frozenset(dropped)
+        self.duplicates = frozenset(duplicates)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -52,6 +57,8 @@ class ShardImages(Dataset[dict[str, Any]]):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.dataset[index]
         row = {name: value for name, value in sample.items() if name not in self.dropped}
+        if int(sample["photo_id"]) in self.duplicates:  # not even decoded: another copy is kept
+            return {"row": row, "pixels": None, "error": "duplicate: the catalog keeps another copy"}
         try:
             pixels = self.to_pixels(sample["image"])
         except Exception as exc:  # any decoder error means the same thing: this image is unusable
@@ -88,12 +95,13 @@ class UnitWork:
         workers: int,
         *,
         dropped: Collection[str] = (),
+        duplicates: Collection[int] = (),
         pin_memory: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """The unit's samples in order, batched by `collate`; the time the caller spends on a batch
         (until it asks for the next) is the stage's batch time."""
         loader = DataLoader(
-            ShardImages(self.dataset, to_pixels, dropped),
+            ShardImages(self.dataset, to_pixels, dropped, duplicates),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,

@@ -69,6 +69,7 @@ def write_captions(root: Path, count: int, shard_bytes: int = 1 << 26, license_c
                     "caption_model": "tiny-blip2",
                     "caption_model_revision": "",
                     "caption_prompt": "a photo of",
+                    "also_credited": [],
                 }
             )
     (root / "noncommercial").mkdir(parents=True)
@@ -187,7 +188,11 @@ def test_a_corrupt_image_is_excluded_with_its_reason(tmp_path: Path) -> None:
     columns = {**CATALOG_COLUMNS, **CAPTION_COLUMNS}
     with MDSWriter(out=str(bad / "commercial"), columns=columns) as writer:
         for number in range(4):
-            row = {**blank_catalog_row(), **{name: "" for name, enc in columns.items() if enc == "str"}}
+            row = {
+                **blank_catalog_row(),
+                **{name: "" for name, enc in columns.items() if enc == "str"},
+                "also_credited": [],
+            }
             image = synthetic_jpeg(number, (80, 80))
             row.update(
                 image=image[:150] if number == 2 else image,
@@ -211,7 +216,9 @@ def test_rerunning_with_another_resolution_into_the_same_output_is_refused(tmp_p
     write_captions(tmp_path / "captions", 2)
     latents.run_latents(train_run(tmp_path / "captions", tmp_path / "out").spec, "t", show_progress=False)
     other = train_run(tmp_path / "captions", tmp_path / "out", resolution=128)
-    with pytest.raises(ValueError, match=r"other inputs, resolution or encoders; use a new output\.uri"):
+    with pytest.raises(
+        ValueError, match=r"made with spec\.resolution=64, this TrainRun latents has 128; use a new"
+    ):
         latents.run_latents(other.spec, "t", show_progress=False)
 
 

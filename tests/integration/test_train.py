@@ -75,6 +75,7 @@ def write_split(root: Path, split: str, codes: list[str], first_id: int) -> None
                     "caption_model": "tiny-blip2",
                     "caption_model_revision": "r1",
                     "caption_prompt": "a photo of",
+                    "also_credited": [],
                 }
             )
 

@@ -15,7 +15,9 @@ import torch
 from commoncanvas import metrics
 from commoncanvas.caption.text import caption_problem, clean_caption
 from commoncanvas.caption.unitplan import CaptionLayout, ensure_caption_plan, read_caption_units
+from commoncanvas.scrape.dedup import CREDITS_COLUMN, read_duplicates
 from commoncanvas.specs.caption import CaptionJobSpec
+from commoncanvas.storage import open_storage
 from commoncanvas.unitloop import unit_work
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,8 @@ CAPTION_COLUMNS = {
     "caption_model": "str",
     "caption_model_revision": "str",
     "caption_prompt": "str",
+    # Authors of identical copies the catalog dropped for this one (scrape.dedup): credited too.
+    CREDITS_COLUMN: "json",
 }
 
 
@@ -168,6 +172,7 @@ class CaptionStage:
         )
         self.cache_dir = default_model_cache()
         self.captioner: Captioner | None = None
+        self._duplicates: dict[str, dict[str, Any]] = {}
 
     def total_units(self) -> int:
         return len(self.planned)
@@ -175,6 +180,13 @@ class CaptionStage:
     def load_model(self) -> bool:
         self.captioner = load_captioner(self.spec, self.cache_dir)
         return True
+
+    def duplicates(self, split_root: str) -> dict[str, Any]:
+        """The catalog's duplicates (scrape.dedup), read once per catalog root."""
+        root = split_root.rstrip("/").rsplit("/", 1)[0]
+        if root not in self._duplicates:
+            self._duplicates[root] = read_duplicates(open_storage(root))
+        return self._duplicates[root]
 
     def model(self) -> Captioner:
         if self.captioner is None:
@@ -192,7 +204,15 @@ class CaptionStage:
                 caption_pixels, image_processor=captioner.processor.image_processor, size=spec.image_size
             )
             on_cuda = torch.cuda.is_available()
-            for batch in work.batches(to_pixels, spec.batch_size, spec.loader_workers, pin_memory=on_cuda):
+            duplicates = self.duplicates(unit.split_root)
+            batches = work.batches(
+                to_pixels,
+                spec.batch_size,
+                spec.loader_workers,
+                duplicates=duplicates["dropped"].get(unit.split, ()),
+                pin_memory=on_cuda,
+            )
+            for batch in batches:
                 captions = iter(captioner.caption(batch["pixels"]) if batch["pixels"] is not None else [])
                 for item in batch["items"]:
                     sample, problem = item["row"], item["error"]
@@ -208,6 +228,7 @@ class CaptionStage:
                         caption_model_revision=captioner.revision,
                         caption_prompt=spec.prompt,
                     )
+                    row[CREDITS_COLUMN] = duplicates["credits"].get(str(sample["photo_id"]), [])
                     work.write(row)
                 if on_cuda:
                     metrics.GPU_MEMORY_BYTES.labels(STAGE).set(torch.cuda.max_memory_allocated())

@@ -3,7 +3,7 @@ Retry-After within a per-sample time budget, fallback through candidate URLs, an
 request and redirect hop, X-Robots-Tag opt-outs, Flickr's "photo unavailable" placeholder, and strict
 image validation of what comes back.
 
-Outcomes: "ok", "duplicate"; permanent exclusions ("http-404", "not-image", "blocked", "opt-out",
+Outcomes: "ok"; permanent exclusions ("http-404", "not-image", "blocked", "opt-out",
 "unavailable", ...); and transient failures ("timeout", "connection-error", "truncated", "http-429",
 "http-5xx"), which set `FetchResult.transient`: a rerun may well fetch those."""
 
@@ -390,7 +390,6 @@ class Fetcher:
         self.credentials = TemplateCredentials(fetch)
         self._agent = fetch.user_agent.split("/", 1)[0].strip().lower()
         self._limiters: dict[str, AsyncLimiter] = {}
-        self._seen: set[str] = set()
 
     def _limiter(self, host: str) -> AsyncLimiter | None:
         if self.policy.per_host_rate <= 0:
@@ -523,13 +522,16 @@ class Fetcher:
             except FetchFailure as exc:
                 failures.append(exc)
                 continue
-            shown = redact_url(final_url)
-            digest = image.sha256
-            if digest in self._seen:
-                return FetchResult(sample, "duplicate", shown, sha256=digest, attempts=attempts)
-            self._seen.add(digest)
+            # Identical bytes are kept here: which copy stands is decided catalog-wide (scrape.dedup).
             return FetchResult(
-                sample, "ok", shown, data, image.width, image.height, digest, attempts=attempts
+                sample,
+                "ok",
+                redact_url(final_url),
+                data,
+                image.width,
+                image.height,
+                image.sha256,
+                attempts=attempts,
             )
         return self._failed(sample, failures)
 

@@ -15,6 +15,7 @@ from typing import Any
 from commoncanvas import metrics, units
 from commoncanvas.identity import check_not_input, claim_output
 from commoncanvas.mds import MDSShardWriter
+from commoncanvas.scrape import dedup
 from commoncanvas.scrape.fetch import Fetcher, FetchResult
 from commoncanvas.scrape.plan import (
     PLAN_SUMMARY,
@@ -171,6 +172,7 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
     written_licenses: Counter[str] = Counter()
     failures: list[dict[str, Any]] = []
     retryable: list[tuple[int, str]] = []  # (plan line, outcome): fetched again by a rerun's retry units
+    copies: list[str] = []  # what the catalog-wide deduplication reads (scrape.dedup)
     written_bytes = 0
     first_transient = ""
     with tempfile.TemporaryDirectory(prefix=f"commoncanvas-scrape-{unit:06d}-") as tmp:
@@ -192,6 +194,7 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
                     first_transient = first_transient or f"{result.outcome}: {result.detail[:200]}"
                 elif result.outcome == "ok":
                     writes.append(write_thread.submit(writer.write, catalog_row(result)))
+                    copies.append(dedup.copy_line(result.sha256, result.sample))
                     written_licenses[result.sample.license_code] += 1
                     written_bytes += len(result.data)
                     metrics.BYTES.labels(STAGE, split).inc(len(result.data))
@@ -209,6 +212,7 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
             for write in writes:
                 write.result()  # re-raise a failed write here, before the unit can be published
         if outcomes["ok"]:
+            (local / dedup.COPIES).write_text("".join(copies), encoding="utf-8")
             units.upload_attempt(layout.output, split, unit, attempt, local)
     assert sum(outcomes.values()) == len(samples), "every planned sample must have an outcome"
     if len(retryable) > spec.fetch.max_transient_failures * len(samples):
@@ -294,6 +298,14 @@ def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
     failed.pop(RETRYABLE, None)  # counted below, by what is still to fetch (a retry unit may have it)
     excluded = Counter(plan["excluded"])
     excluded.update({f"fetch:{outcome}": n for outcome, n in failed.items()})
+    duplicates = dedup.find_duplicates(layout.output, units.read_markers(layout.output))
+    layout.output.write_text(dedup.DUPLICATES, json.dumps(duplicates))
+    for split, photo_ids in duplicates["dropped"].items():
+        merged["samples"][split] -= len(photo_ids)
+        excluded["duplicate"] += len(photo_ids)
+    licenses = Counter(merged["licenses"])
+    licenses.subtract(c["license_code"] for copies in duplicates["credits"].values() for c in copies)
+    merged["licenses"] = {code: n for code, n in sorted(licenses.items()) if n}
     transient = Counter(
         outcome
         for lines in pending_retries(layout, read_units(layout.plan)).values()

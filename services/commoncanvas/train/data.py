@@ -33,6 +33,7 @@ import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
 from commoncanvas.caption.unitplan import InputMissing
+from commoncanvas.scrape.dedup import CREDITS_COLUMN
 from commoncanvas.specs.common import SpecError
 from commoncanvas.specs.train import TrainRunSpec
 from commoncanvas.storage import open_storage
@@ -41,7 +42,7 @@ from commoncanvas.train.latents import NULL_TEXT_KEY, latents_uri, load_pixels
 from commoncanvas.train.world import World
 
 # Attribution fields plus the captioner, where the dataset has it (the latents phase drops it).
-RECORD_FIELDS = (*ATTRIBUTION_FIELDS, "caption_model", "caption_model_revision")
+RECORD_FIELDS = (*ATTRIBUTION_FIELDS, CREDITS_COLUMN, "caption_model", "caption_model_revision")
 
 
 class TrainingDataMissing(InputMissing):

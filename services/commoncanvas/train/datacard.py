@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from commoncanvas.licenses import BY_CODE, Split
+from commoncanvas.scrape.dedup import CREDITS_COLUMN
 from commoncanvas.storage import Storage
 
 # What a sample carries through training so the run can name exactly what it saw.
@@ -84,6 +85,8 @@ def build_datacard(
             seen.add((split, photo))
             by_split_license.setdefault(split, Counter())[code] += 1
             entry = {name: record[name] for name in ATTRIBUTION_FIELDS}
+            if record.get(CREDITS_COLUMN):  # identical copies by other authors, dropped for this one
+                entry[CREDITS_COLUMN] = record[CREDITS_COLUMN]
             manifest.write(json.dumps(entry, ensure_ascii=False) + "\n")
     if problems:
         listing = "\n".join(
