@@ -270,6 +270,23 @@ def _place(pod_spec: Obj, pool: NodePool, settings: Settings) -> None:
 KOPF_ANNOTATIONS = (f"{GROUP}/last-handled-configuration", f"{GROUP}/kopf")
 
 
+# Kueue's labels: a resource's reach every child Job. Kueue then owns a Job's suspend, parallelism (on
+# partial admission) and the placement it injects, so a queued Job is created suspended, once, and
+# never applied again (handlers.apply_children).
+QUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+
+
+def queue_labels(body: Obj) -> dict[str, str]:
+    own = (body.get("metadata") or {}).get("labels") or {}
+    return {key: str(own[key]) for key in QUEUE_LABELS if own.get(key)}
+
+
+def is_queued(child: Obj) -> bool:
+    return child.get("kind") == "Job" and QUEUE_LABELS[0] in (
+        (child.get("metadata") or {}).get("labels") or {}
+    )
+
+
 def pod_annotations(body: Obj) -> dict[str, str]:
     """The resource's ``commoncanvas.dev/`` annotations for its pods, less kopf's bookkeeping."""
     return {
@@ -298,8 +315,9 @@ class ShardedWork:
     # Steps whose CLI command imports the ML stack (torch): their pods get the GPU image, which has it
     # (the CPU image leaves it out, images/worker.Dockerfile), with or without a GPU.
     ml_steps: frozenset[str] = frozenset()
-    suspend: bool | None = None  # the units Job's ``suspend`` (None: the owner has no such field)
+    suspend: bool = False  # the units Job's ``suspend`` (the owner's spec.suspend)
     annotations: dict[str, str] = field(default_factory=dict)  # for the units pods
+    queue: dict[str, str] = field(default_factory=dict)  # Kueue's labels, for every Job
 
     def step_name(self, step: str) -> str:
         return f"{self.step_prefix}{step}"
@@ -323,7 +341,9 @@ def stage_work(body: Obj, settings: Settings, output_uri: str | None = None) -> 
         parallelism=int(spec.get("parallelism", 1)),
         output_uri=output_uri or (spec.get("output") or {}).get("uri", ""),
         ml_steps=frozenset({"units"}) if caption else frozenset(),
+        suspend=bool(spec.get("suspend")),
         annotations=pod_annotations(body),
+        queue=queue_labels(body),
     )
 
 
@@ -354,6 +374,7 @@ def latents_work(body: Obj, output_uri: str | None = None) -> ShardedWork:
         ml_steps=frozenset(STEPS),
         suspend=bool(spec.suspend),
         annotations=pod_annotations(body),
+        queue=queue_labels(body),
     )
 
 
@@ -438,8 +459,7 @@ def build_sharded_job(work: ShardedWork, step: str, settings: Settings, units: i
                 "podFailurePolicy": ignore_disruptions,
             }
         )
-        if work.suspend is not None:
-            job_spec["suspend"] = work.suspend
+        job_spec["suspend"] = work.suspend
     else:
         job_spec.update(
             {
@@ -449,12 +469,14 @@ def build_sharded_job(work: ShardedWork, step: str, settings: Settings, units: i
                 "podFailurePolicy": ignore_disruptions,
             }
         )
+    if work.queue:
+        job_spec["suspend"] = True  # Kueue admits it (and the operator never applies it again)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": work.job_name(step),
-            "labels": labels(work.kind, work.name, work.step_name(step)),
+            "labels": {**labels(work.kind, work.name, work.step_name(step)), **work.queue},
         },
         "spec": job_spec,
     }
@@ -577,7 +599,10 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": child_name(name, "train"), "labels": labels("TrainRun", name, "train")},
+        "metadata": {
+            "name": child_name(name, "train"),
+            "labels": {**labels("TrainRun", name, "train"), **queue_labels(body)},
+        },
         "spec": {
             "completionMode": "Indexed",
             "completions": dist.max_nodes,
@@ -585,7 +610,8 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
             # Every node's pod is one torchrun agent: the group restarts together (torchrun's own
             # --max-restarts); a pod the Job replaces is a node coming back. A lost node is no failure.
             "backoffLimit": dist.max_restarts,
-            "suspend": bool(run.spec.suspend),
+            # Under Kueue created suspended, whole: one workload admitted for every node at once.
+            "suspend": bool(run.spec.suspend) or bool(queue_labels(body)),
             "podFailurePolicy": {
                 "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
             },

@@ -17,14 +17,15 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+from commoncanvas.specs.common import Phase
 from commoncanvas_operator import builders, metrics, reducers, store
 from commoncanvas_operator.builders import GROUP, STAGES, VERSION
-from commoncanvas_operator.kube import Kube, collection_path
+from commoncanvas_operator.kube import Kube, KubeError, collection_path
 from commoncanvas_operator.settings import Settings
 
 Obj = dict[str, Any]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
-PHASES = ("Pending", "Waiting", "Running", "Succeeded", "Failed", "Suspended")
+PHASES = tuple(phase.value for phase in Phase)
 SETTINGS = Settings.load()
 _connection: list[kopf.ConnectionInfo] = []
 _clients: dict[int, Kube] = {}
@@ -151,10 +152,44 @@ async def read_job_file(namespace: str, name: str) -> Obj | None:
     )
 
 
-async def apply_children(owner: kopf.Body, children: list[Obj]) -> None:
+async def apply_children(owner: kopf.Body, children: list[Obj]) -> list[str]:
+    """Server-side apply of each child, except: a queued Job is only created (Kueue owns it then), and
+    a Job that differs from the live one in immutable fields (an upgrade changed the worker image or
+    ``workers.*``) is kept as it runs. Returns what drifted that way, one line per Job."""
     kopf.adopt(children, owner=owner)
+    drifted: list[str] = []
     for child in children:
-        await kube().apply(child)
+        if builders.is_queued(child):
+            await kube().create(child)
+            continue
+        try:
+            await kube().apply(child)
+        except KubeError as error:
+            fields = error.immutable_fields()
+            if child["kind"] != "Job" or not fields:
+                raise
+            drifted.append(
+                f"Job {child['metadata']['name']} kept as it runs (immutable: {', '.join(fields)})"
+            )
+    return drifted
+
+
+def with_drift(status: Obj, drifted: list[str], previous: Obj, now: str) -> Obj:
+    """The ``TemplateDrift`` condition: True naming the Jobs kept with an older template, until none is."""
+    before = {c["type"]: c for c in previous.get("conditions") or []}
+    if not drifted and "TemplateDrift" not in before:
+        return status
+    condition = reducers.drift_condition(drifted)
+    status["conditions"] = [
+        *(c for c in status["conditions"] if c["type"] != "TemplateDrift"),
+        *reducers.merge_conditions(
+            [before["TemplateDrift"]] if "TemplateDrift" in before else [],
+            [condition],
+            now,
+            int(status.get("observedGeneration") or 0),
+        ),
+    ]
+    return status
 
 
 async def observe_stage(body: Obj) -> tuple[reducers.Observed, builders.ShardedWork]:
@@ -177,6 +212,7 @@ async def observe_stage(body: Obj) -> tuple[reducers.Observed, builders.ShardedW
         upstream=await read_upstream(body["kind"], spec, namespace),
         invalid=invalid,
         refused_change=builders.refused_change(job_file, spec),
+        suspended=bool(spec.get("suspend")),
         work=view,
         summary=summary,
     )
@@ -185,7 +221,7 @@ async def observe_stage(body: Obj) -> tuple[reducers.Observed, builders.ShardedW
 
 async def apply_steps(
     owner: kopf.Body, body: Obj, observed: reducers.Observed, work: builders.ShardedWork
-) -> None:
+) -> list[str]:
     upstream_uri = observed.upstream.output_uri if observed.upstream else None
     children = [
         builders.build_job_file(builders.resolve_resource(body, upstream_uri), body["spec"])
@@ -193,7 +229,7 @@ async def apply_steps(
         else sharded_job(work, step, observed.work)
         for step in reducers.next_steps(observed)
     ]
-    await apply_children(owner, children)
+    return await apply_children(owner, children)
 
 
 async def reconcile_stage(body: kopf.Body, patch: kopf.Patch, logger: Logger) -> None:
@@ -201,8 +237,9 @@ async def reconcile_stage(body: kopf.Body, patch: kopf.Patch, logger: Logger) ->
     kind = raw["kind"]
     with metrics.reconcile_pass(kind):
         observed, work = await observe_stage(raw)
-        await apply_steps(body, raw, observed, work)
+        drifted = await apply_steps(body, raw, observed, work)
         status = reducers.reduce_stage(kind, work.output_uri, observed)
+        status = with_drift(status, drifted, observed.previous, observed.now)
     report(body, patch, logger, observed.previous, status)
 
 
@@ -289,8 +326,9 @@ async def reconcile_train(body: kopf.Body, patch: kopf.Patch, logger: Logger) ->
     kind = raw["kind"]
     with metrics.reconcile_pass(kind):
         observed, output_uri, latents_work = await observe_train(raw)
-        await apply_children(body, train_children(raw, observed, latents_work))
+        drifted = await apply_children(body, train_children(raw, observed, latents_work))
         status = reducers.reduce_train(output_uri, observed)
+        status = with_drift(status, drifted, observed.previous, observed.now)
     report(body, patch, logger, observed.previous, status)
 
 

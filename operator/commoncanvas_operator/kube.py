@@ -24,7 +24,18 @@ _CORE = {"ConfigMap": "configmaps", "Service": "services", "Pod": "pods", "Event
 class KubeError(Exception):
     def __init__(self, status: int, method: str, path: str, body: str) -> None:
         self.status = status
+        self.body = body
         super().__init__(f"{method} {path}: {status}: {body[:500]}")
+
+    def immutable_fields(self) -> list[str]:
+        """The fields a 422 names as immutable (``spec.template``, ...); none for another error."""
+        if self.status != 422:
+            return []
+        try:
+            causes = (json.loads(self.body).get("details") or {}).get("causes") or []
+        except ValueError:
+            return []
+        return sorted({str(c.get("field")) for c in causes if "immutable" in str(c.get("message", ""))})
 
 
 def collection_path(api_version: str, kind: str, namespace: str) -> str:
@@ -104,6 +115,19 @@ class Kube:
     async def list(self, path: str, label_selector: str) -> list[Obj]:
         result = await self._request("GET", path, params={"labelSelector": label_selector})
         return list((result or {}).get("items") or [])
+
+    async def create(self, obj: Obj) -> bool:
+        """Create `obj` unless it exists (False then): for children someone else owns once created."""
+        meta = obj["metadata"]
+        try:
+            await self._request(
+                "POST", collection_path(obj["apiVersion"], obj["kind"], meta["namespace"]), body=obj
+            )
+        except KubeError as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
 
     async def apply(self, obj: Obj) -> Obj:
         """Server-side apply as the operator's one field manager: creating or re-applying is the same."""

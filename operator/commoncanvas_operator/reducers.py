@@ -31,6 +31,8 @@ class JobView:
     reason: str = ""
     message: str = ""
     active: int = 0
+    suspended: bool = False  # spec.suspend: by the owner's spec.suspend, or by a queue (Kueue)
+    suspended_reason: str = ""
     completed_indexes: str = ""
     failed_indexes: str = ""
     start_time: str = ""
@@ -43,7 +45,10 @@ class JobView:
         status = job.get("status") or {}
         conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
         failed = conditions.get("Failed") or {}
+        suspended = conditions.get("Suspended") or {}
         return cls(
+            suspended=bool((job.get("spec") or {}).get("suspend")),
+            suspended_reason=suspended.get("reason", ""),
             complete="Complete" in conditions,
             failed=bool(failed),
             reason=failed.get("reason", ""),
@@ -99,6 +104,7 @@ class Observed:
     # A spec the operator cannot run (unknown pool), or a change it cannot apply (refused).
     invalid: str = ""
     refused_change: str = ""
+    suspended: bool = False  # spec.suspend
     work: ShardedView = field(default_factory=ShardedView)
     summary: Obj | None = None
 
@@ -142,8 +148,11 @@ def sharded_steps(view: ShardedView) -> list[str]:
 
 
 def next_steps(observed: Observed) -> list[str]:
-    """The children that should exist now (applying an existing one again is a no-op)."""
-    if observed.invalid or observed.refused_change or not upstream_ready(observed):
+    """The children that should exist now (applying an existing one again is a no-op); none once
+    the resource has finished, so an upgrade that changes the Jobs' templates never touches it."""
+    if is_terminal(observed.previous) or observed.invalid or observed.refused_change:
+        return []
+    if not upstream_ready(observed):
         return []
     return ["job", *sharded_steps(observed.work)]
 
@@ -152,15 +161,46 @@ def _condition(type_: str, status: bool, reason: str, message: str = "") -> Obj:
     return {"type": type_, "status": "True" if status else "False", "reason": reason, "message": message}
 
 
-def merge_conditions(previous: Iterable[Obj], current: Iterable[Obj], now: str) -> list[Obj]:
-    """Conditions with ``lastTransitionTime`` kept while their status stays the same."""
+def merge_conditions(
+    previous: Iterable[Obj], current: Iterable[Obj], now: str, generation: int | None = None
+) -> list[Obj]:
+    """Conditions, one per type (the last given wins), with ``lastTransitionTime`` kept while their
+    status stays the same and ``observedGeneration`` set where a generation is given."""
     before = {c["type"]: c for c in previous}
+    by_type = {c["type"]: c for c in current}
     merged = []
-    for condition in current:
+    for condition in by_type.values():
         old = before.get(condition["type"])
         same = old is not None and old.get("status") == condition["status"] and old.get("lastTransitionTime")
         merged.append({**condition, "lastTransitionTime": old["lastTransitionTime"] if same else now})  # type: ignore[index]
+        if generation is not None:
+            merged[-1]["observedGeneration"] = generation
     return merged
+
+
+def is_terminal(status: Obj) -> bool:
+    """Whether a resource has finished: one that has applies nothing and keeps its status."""
+    return (status.get("phase") or "") in TERMINAL
+
+
+def terminal_conditions(observed: Observed | TrainObserved) -> list[Obj]:
+    """A finished resource's conditions as they were, with a refused spec change stated once."""
+    kept = [c for c in observed.previous.get("conditions") or [] if c["type"] != "SpecChangeRefused"]
+    if observed.refused_change:
+        kept.append(_condition("SpecChangeRefused", True, "SpecImmutable", observed.refused_change))
+    return kept
+
+
+def outcome_conditions(phase: str, conditions: list[Obj]) -> list[Obj]:
+    """``Succeeded`` and ``Failed`` on every kind, so ``kubectl wait --for=condition=Succeeded``
+    works; a failure's own ``Failed`` condition (with its reason) is kept."""
+    failed = next((c for c in conditions if c["type"] == "Failed" and c["status"] == "True"), None)
+    rest = [c for c in conditions if c["type"] not in ("Succeeded", "Failed")]
+    return [
+        *rest,
+        _condition("Succeeded", phase == "Succeeded", "Complete" if phase == "Succeeded" else phase),
+        failed or _condition("Failed", False, phase),
+    ]
 
 
 def _counts_from_summary(kind: str, summary: Obj | None, output_uri: str) -> Obj:
@@ -236,7 +276,12 @@ def reduce_stage(kind: str, output_uri: str, observed: Observed) -> Obj:
     phase, conditions = _phase_and_conditions(observed, counts)
     status: Obj = {
         "phase": phase,
-        "conditions": merge_conditions(previous.get("conditions") or [], conditions, observed.now),
+        "conditions": merge_conditions(
+            previous.get("conditions") or [],
+            outcome_conditions(phase, conditions),
+            observed.now,
+            observed.generation,
+        ),
         "units": counts,
         "progress": f"{counts['succeeded']}/{counts['total']}",
         "observedGeneration": observed.generation,
@@ -278,19 +323,29 @@ def _phase_and_conditions(observed: Observed, counts: Obj) -> tuple[str, list[Ob
     if observed.refused_change:
         refused = [_condition("SpecChangeRefused", True, "SpecImmutable", observed.refused_change)]
     # Terminal phases stay: a finished stage is not rerun by a later observation.
-    if previous_phase in TERMINAL and not observed.refused_change:
-        return previous_phase, [
-            c for c in observed.previous.get("conditions") or [] if c["type"] != "SpecChangeRefused"
-        ]
     if previous_phase in TERMINAL:
-        return previous_phase, [*(observed.previous.get("conditions") or []), *refused]
+        return previous_phase, terminal_conditions(observed)
     if observed.invalid:
         return "Failed", [_condition("Failed", True, "InvalidSpec", observed.invalid)]
     blocked, conditions = _gate_on_upstream(observed.upstream, refused)
     if blocked is not None:
         return blocked, conditions
     phase, work = sharded_phase(observed.work, counts)
-    return phase, [*conditions, *work]
+    view = observed.work
+    current = next((job for job in (view.finalize, view.units, view.plan) if job is not None), None)
+    return held(phase, current, observed.suspended, [*conditions, *work])
+
+
+def held(phase: str, job: JobView | None, suspended: bool, conditions: list[Obj]) -> tuple[str, list[Obj]]:
+    """A running resource whose Job is suspended: ``Suspended`` by its own spec.suspend, else
+    ``Queued`` (a queue such as Kueue has not admitted it yet; Kueue's reason where the Job has one)."""
+    if phase not in ("Pending", "Running") or job is None or job.complete or not job.suspended:
+        return phase, conditions
+    if suspended:
+        return "Suspended", [*conditions, _condition("Admitted", False, "Suspended", "spec.suspend is true")]
+    reason = job.suspended_reason or "WaitingForAdmission"
+    message = "the Job waits for its queue to admit it (kueue.x-k8s.io/queue-name)"
+    return "Queued", [*conditions, _condition("Admitted", False, reason, message)]
 
 
 def sharded_phase(view: ShardedView, counts: Obj, prefix: str = "") -> tuple[str, list[Obj]]:
@@ -363,11 +418,24 @@ def transition_events(previous: Obj, current: Obj) -> list[tuple[str, str, str]]
         detail = (failed or waiting or {}).get("message", "")
         message = f"{before or 'New'} -> {after}" + (f": {detail}" if detail else "")
         events.append(("Warning" if after == "Failed" else "Normal", after, message))
-    was_refused = any(c["type"] == "SpecChangeRefused" for c in previous.get("conditions") or [])
+    before_true = {c["type"] for c in previous.get("conditions") or [] if c.get("status") == "True"}
     for condition in current.get("conditions") or []:
-        if condition["type"] == "SpecChangeRefused" and not was_refused:
-            events.append(("Warning", "SpecChangeRefused", condition["message"]))
+        kind, became_true = condition["type"], condition["status"] == "True"
+        if kind in WARNED_CONDITIONS and became_true and kind not in before_true:
+            events.append(("Warning", kind, condition["message"]))
     return events
+
+
+# Conditions that get a Warning Event when they become true.
+WARNED_CONDITIONS = ("SpecChangeRefused", "TemplateDrift")
+
+
+def drift_condition(drifted: list[str]) -> Obj:
+    """An upgrade changed what a running Job's template would be: the Job is kept as it runs (a pod
+    template is immutable), and Jobs created from now on get the new template."""
+    if drifted:
+        return _condition("TemplateDrift", True, "ImmutableFields", "; ".join(drifted))
+    return _condition("TemplateDrift", False, "InSync")
 
 
 # --- TrainRun ------------------------------------------------------------------------------------
@@ -398,9 +466,9 @@ def train_steps(observed: TrainObserved) -> list[str]:
     """The TrainRun children that should exist now: job file, the latents phase's Jobs
     (``latents-plan``...) when it has one, and once that has finished the rendezvous Service and
     the train Job."""
-    if observed.invalid or observed.refused_change or not upstream_ready(observed):
+    if is_terminal(observed.previous) or observed.invalid or observed.refused_change:
         return []
-    if (observed.previous.get("phase") or "") in TERMINAL and observed.job is None:
+    if not upstream_ready(observed):
         return []
     steps = ["job"]
     latents = observed.latents
@@ -419,7 +487,12 @@ def reduce_train(output_uri: str, observed: TrainObserved) -> Obj:
     phase, conditions = _train_phase_and_conditions(observed, counts)
     status: Obj = {
         "phase": phase,
-        "conditions": merge_conditions(previous.get("conditions") or [], conditions, observed.now),
+        "conditions": merge_conditions(
+            previous.get("conditions") or [],
+            outcome_conditions(phase, conditions),
+            observed.now,
+            observed.generation,
+        ),
         "observedGeneration": observed.generation,
     }
     for key in TRAIN_STATUS_FIELDS:
@@ -464,8 +537,7 @@ def _train_phase_and_conditions(observed: TrainObserved, latents_counts: Obj | N
     if observed.refused_change:
         refused = [_condition("SpecChangeRefused", True, "SpecImmutable", observed.refused_change)]
     if previous_phase in TERMINAL:
-        kept = [c for c in observed.previous.get("conditions") or [] if c["type"] != "SpecChangeRefused"]
-        return previous_phase, [*kept, *refused]
+        return previous_phase, terminal_conditions(observed)
     if observed.invalid:
         return "Failed", [_condition("Failed", True, "InvalidSpec", observed.invalid)]
     blocked, conditions = _gate_on_upstream(observed.upstream, refused)
@@ -487,6 +559,8 @@ def _train_phase_and_conditions(observed: TrainObserved, latents_counts: Obj | N
         return "Failed", [*conditions, _condition("Failed", True, job.reason or "TrainingFailed", message)]
     if job.complete:
         return "Succeeded", [*conditions, _condition("Trained", True, "Complete")]
+    if job.suspended and not observed.suspended:
+        return held("Running", job, False, [*conditions, _condition("Trained", False, "Queued")])
     if observed.suspended:
         return "Suspended", [*conditions, _condition("Trained", False, "Suspended", "spec.suspend is true")]
     return "Running", [*conditions, _condition("Trained", False, "Running")]

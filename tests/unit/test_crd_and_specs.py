@@ -169,7 +169,15 @@ def test_schema_carries_the_models_bounds(schema: dict[str, Any]) -> None:
 def test_status_phase_is_an_enum_of_the_documented_phases(schema: dict[str, Any]) -> None:
     phase = schema["properties"]["status"]["properties"]["phase"]
     assert phase["type"] == "string"
-    assert set(phase["enum"]) == {"Pending", "Waiting", "Running", "Succeeded", "Failed", "Suspended"}
+    assert set(phase["enum"]) == {
+        "Pending",
+        "Waiting",
+        "Queued",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Suspended",
+    }
 
 
 # --- validating ScrapeJob YAML ----------------------------------------------------------------------

@@ -191,6 +191,7 @@ def test_a_run_in_its_latents_phase_is_running_with_the_units_counted() -> None:
         "reason": "Running",
         "message": "3/8 units",
         "lastTransitionTime": NOW,
+        "observedGeneration": 2,
     }
     assert "Trained" not in found
     suspended = reduce_train(

@@ -86,6 +86,11 @@ class CaptionJobSpec(KubeModel):
         description="Images per work unit (whole input shards, at least this many): the unit of resume",
     )
     parallelism: int = Field(1, ge=1, le=10_000, description="Worker pods (not units); changes in place")
+    suspend: bool = Field(
+        False,
+        description="Pause (on a cluster): the worker pods stop, their units are released and taken "
+        "over on resume; nothing is lost",
+    )
     gpus_per_pod: int = Field(1, ge=0, le=16, description="GPUs per worker pod: one captioner per GPU")
     node_pool: str = Field("a100", description="Node pool from the chart's values to run on")
 

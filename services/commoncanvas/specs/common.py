@@ -37,6 +37,7 @@ class ObjectMeta(KubeModel):
 class Phase(StrEnum):
     PENDING = "Pending"
     WAITING = "Waiting"
+    QUEUED = "Queued"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
@@ -49,6 +50,7 @@ class Condition(KubeModel):
     reason: str = ""
     message: str = ""
     last_transition_time: str = ""
+    observed_generation: int = Field(0, description="The resource generation this condition was set from")
 
 
 class UnitCounts(KubeModel):

@@ -120,6 +120,11 @@ class ScrapeJobSpec(KubeModel):
     # 100M rows (~70M planned) / 10,000 = ~7k units of about a minute each at ~200 images/s a worker.
     unit_size: int = Field(10_000, ge=1, le=1_000_000, description="Planned samples per work unit")
     parallelism: int = Field(4, ge=1, le=10_000, description="Worker pods (not units); changes in place")
+    suspend: bool = Field(
+        False,
+        description="Pause (on a cluster): the worker pods stop, their units are released and taken "
+        "over on resume; nothing is lost",
+    )
 
 
 class ScrapeJobStatus(CommonStatus):
