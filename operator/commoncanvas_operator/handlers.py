@@ -335,6 +335,16 @@ async def reconcile_train(body: kopf.Body, patch: kopf.Patch, logger: Logger) ->
 def _register(plural: str) -> None:
     @kopf.timer(GROUP, VERSION, plural, id="reconcile", interval=SETTINGS.reconcile_seconds)
     async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Logger, **_: Any) -> None:
+        status = dict(body.get("status") or {})
+        generation = int(body["metadata"].get("generation") or 0)
+        if reducers.is_terminal(status) and status.get("observedGeneration") == generation:
+            # Finished and unchanged since: nothing to apply or observe, so no request at all (a spec
+            # change bumps the generation and gets one full pass, to state its refusal).
+            metrics.SKIPPED.labels(body["kind"]).inc()
+            metrics.record(
+                body["kind"], body["metadata"]["namespace"], body["metadata"]["name"], status, PHASES
+            )
+            return
         if body["kind"] == "TrainRun":
             await reconcile_train(body, patch, logger)
         else:

@@ -14,6 +14,7 @@ from urllib.parse import quote
 import aiohttp
 import kopf
 
+from commoncanvas_operator import metrics
 from commoncanvas_operator.builders import GROUP, MANAGER, PLURALS, VERSION
 
 Obj = dict[str, Any]
@@ -98,6 +99,7 @@ class Kube:
         params: dict[str, str] | None = None,
     ) -> Obj | None:
         data = json.dumps(body) if body is not None else None
+        metrics.API_REQUESTS.labels(method).inc()
         async with self._session.request(
             method, self.server + path, data=data, params=params, headers={"Content-Type": content_type}
         ) as response:

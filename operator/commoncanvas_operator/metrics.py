@@ -17,6 +17,16 @@ RECONCILE_SECONDS = Histogram(
 RESOURCES = Gauge(
     "commoncanvas_operator_resources", "Resources by kind and phase", ["kind", "namespace", "name", "phase"]
 )
+API_REQUESTS = Counter(
+    "commoncanvas_operator_api_requests",
+    "Requests the reconciler sent to the API server (kopf's own watches and peering aside), by verb",
+    ["verb"],
+)
+SKIPPED = Counter(
+    "commoncanvas_operator_finished_skips",
+    "Reconcile passes over a finished, unchanged resource: no request sent",
+    ["kind"],
+)
 UNITS_DONE = Gauge("commoncanvas_operator_units_done", "Units succeeded", ["kind", "namespace", "name"])
 UNITS_PLANNED = Gauge("commoncanvas_operator_units_planned", "Units planned", ["kind", "namespace", "name"])
 

@@ -211,3 +211,31 @@ def test_under_a_queue_every_job_is_created_suspended_and_what_the_queue_sets_is
     admit(cluster, namespace, "queued-finalize")
     done = wait_status(cluster, namespace, "scrapejobs", "queued", phase("Succeeded"), "Succeeded", 90)
     assert done["status"]["units"]["succeeded"] == 3
+
+
+def operator_counter(operator: OperatorProcess, name: str) -> float:
+    from tests.integration.test_operator import http_get
+
+    code, text = http_get(f"http://127.0.0.1:{operator.metrics_port}/metrics")
+    assert code == 200, text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}{{"))
+
+
+def test_a_finished_resource_costs_no_api_request(
+    cluster: LocalCluster,
+    namespace: str,
+    minio: MinioServer,
+    bucket: str,
+    chart_operator: tuple[OperatorProcess, dict[str, str]],
+) -> None:
+    operator, _ = chart_operator
+    seed_plans(minio, bucket, ("quiet", 1), ("unused", 1))
+    cluster.apply(scrape_job("quiet", bucket), namespace)
+    finished = wait_status(cluster, namespace, "scrapejobs", "quiet", phase("Succeeded"), "Succeeded")
+    time.sleep(2)  # the pass that wrote Succeeded is over
+    requests = operator_counter(operator, "commoncanvas_operator_api_requests_total")
+    skips = operator_counter(operator, "commoncanvas_operator_finished_skips_total")
+    time.sleep(5)  # five reconcile intervals
+    assert operator_counter(operator, "commoncanvas_operator_finished_skips_total") >= skips + 3
+    assert operator_counter(operator, "commoncanvas_operator_api_requests_total") == requests
+    assert cluster.api.get(f"{API}/namespaces/{namespace}/scrapejobs/quiet")["status"] == finished["status"]

@@ -213,3 +213,63 @@ def test_events_on_phase_changes_only() -> None:
         ("Warning", "Failed", "Waiting -> Failed: ScrapeJob yfcc failed: boom")
     ]
     assert transition_events(failed, failed) == []
+
+
+def test_fifty_passes_over_a_finished_stage_with_a_refused_change_leave_its_status_byte_identical() -> None:
+    import json
+
+    summary = {"samples": {"commercial": 3}, "licenses": {"cc-by": 3}, "excluded": {}, "transient": {}}
+    finished = observe(plan=DONE, plan_units=2, units=DONE, finalize=DONE, summary=summary)
+    status = reduce_stage("ScrapeJob", "s3://b/o", finished)
+    assert status["phase"] == "Succeeded"
+    for _ in range(50):
+        again = dataclasses.replace(finished, previous=status, refused_change="spec.source.uri changed")
+        assert next_steps(again) == [], "a finished resource applies nothing"
+        status_after = reduce_stage("ScrapeJob", "s3://b/o", again)
+        if _ == 0:
+            status = status_after  # the refusal is stated once
+            continue
+        assert json.dumps(status_after, sort_keys=True) == json.dumps(status, sort_keys=True)
+    assert [c["type"] for c in status["conditions"]].count("SpecChangeRefused") == 1
+
+
+def test_every_status_the_reducers_write_validates_against_the_resources_status_models() -> None:
+    from commoncanvas.specs import CaptionJobStatus, ScrapeJobStatus, TrainRunStatus
+    from commoncanvas_operator.reducers import TrainObserved, reduce_train
+
+    summary = {
+        "samples": {"commercial": 3},
+        "licenses": {"cc-by": 3},
+        "excluded": {"duplicate": 1},
+        "transient": {"timeout": 1},
+        "warnings": {"date_taken": 2},
+        "workers": 2,
+        "modelLoads": 0,
+    }
+    passes = [
+        observe(),
+        observe(
+            plan=DONE,
+            plan_units=2,
+            units=RUNNING,
+            progress={"unitsDone": 1, "imagesPerSecond": 3.5, "workers": 2, "modelLoads": 2},
+        ),
+        observe(plan=DONE, plan_units=2, units=JobView(failed=True, failed_indexes="0")),
+        observe(plan=DONE, plan_units=2, units=DONE, finalize=DONE, summary=summary),
+        observe(upstream=Upstream("ScrapeJob", "x", found=False)),
+        observe(plan=DONE, plan_units=2, units=JobView(suspended=True), suspended=True),
+    ]
+    for observed in passes:
+        # KubeModel forbids unknown fields: a misspelt status key fails here, not pruned by the API server.
+        ScrapeJobStatus.model_validate(reduce_stage("ScrapeJob", "s3://b/o", observed))
+        CaptionJobStatus.model_validate(reduce_stage("CaptionJob", "s3://b/o", observed))
+    for job in (None, RUNNING, DONE, JobView(failed=True), JobView(suspended=True)):
+        TrainRunStatus.model_validate(reduce_train("s3://b/t", TrainObserved(generation=1, now=NOW, job=job)))
+
+
+def test_a_suspended_job_is_queued_unless_the_resource_asked_for_it() -> None:
+    queued = reduce_stage("ScrapeJob", "s3://b/o", observe(plan=JobView(suspended=True)))
+    assert queued["phase"] == "Queued"
+    assert conditions(queued)["Admitted"]["reason"] == "WaitingForAdmission"
+    paused = observe(plan=DONE, plan_units=2, units=JobView(suspended=True), suspended=True)
+    assert reduce_stage("ScrapeJob", "s3://b/o", paused)["phase"] == "Suspended"
