@@ -42,12 +42,29 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         start_http_server(SETTINGS.operator_metrics_port)
 
 
-@kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+_login_settings: list[kopf.OperatorSettings] = []
+
+
+def credentials(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    """The ServiceAccount's token in a pod, else the kubeconfig's: read from disk each time."""
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
     if info is not None:
         _connection[:] = [info]
+        _login_settings[:] = [settings]
     return info
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    return credentials(settings)
+
+
+def relogin() -> kopf.ConnectionInfo | None:
+    """The credentials as they are now: a projected ServiceAccount token is rotated on disk by the
+    kubelet (and a kubeconfig may be rewritten), so they are read again."""
+    if not _login_settings:
+        return None
+    return credentials(_login_settings[0])
 
 
 @kopf.on.cleanup()
@@ -63,7 +80,7 @@ def kube() -> Kube:
     if loop not in _clients:
         if not _connection:
             raise kopf.TemporaryError("not logged in to the API server yet", delay=1)
-        _clients[loop] = Kube(_connection[0])
+        _clients[loop] = Kube(_connection[0], relogin)
     return _clients[loop]
 
 

@@ -7,6 +7,7 @@ import base64
 import json
 import ssl
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -74,16 +75,28 @@ def ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     return context
 
 
-class Kube:
-    """One aiohttp session against the API server kopf logged in to."""
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)  # no request waits unbounded
 
-    def __init__(self, info: kopf.ConnectionInfo) -> None:
+
+def _authorization(info: kopf.ConnectionInfo) -> dict[str, str]:
+    return {"Authorization": f"{info.scheme or 'Bearer'} {info.token}"} if info.token else {}
+
+
+class Kube:
+    """One aiohttp session against the API server kopf logged in to. On a 401 (a bound token rotated
+    or expired) it logs in again through `relogin` (which re-reads the token file or kubeconfig) and
+    retries once, so a rotated token is picked up without a restart."""
+
+    def __init__(
+        self, info: kopf.ConnectionInfo, relogin: Callable[[], kopf.ConnectionInfo | None] | None = None
+    ) -> None:
         self.server = info.server.rstrip("/")
-        headers = {"Accept": "application/json"}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+        self._auth = _authorization(info)
+        self._relogin = relogin
         self._session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(ssl=ssl_context(info))
+            headers={"Accept": "application/json"},
+            connector=aiohttp.TCPConnector(ssl=ssl_context(info)),
+            timeout=REQUEST_TIMEOUT,
         )
 
     async def close(self) -> None:
@@ -99,17 +112,30 @@ class Kube:
         params: dict[str, str] | None = None,
     ) -> Obj | None:
         data = json.dumps(body) if body is not None else None
-        metrics.API_REQUESTS.labels(method).inc()
-        async with self._session.request(
-            method, self.server + path, data=data, params=params, headers={"Content-Type": content_type}
-        ) as response:
-            text = await response.text()
-            if response.status == 404 and method == "GET":
-                return None
-            if response.status >= 400:
-                raise KubeError(response.status, method, path, text)
-            result: Obj = json.loads(text) if text else {}
-            return result
+        for attempt in range(2):
+            metrics.API_REQUESTS.labels(method).inc()
+            headers = {"Content-Type": content_type, **self._auth}
+            async with self._session.request(
+                method, self.server + path, data=data, params=params, headers=headers
+            ) as response:
+                text = await response.text()
+                status = response.status
+            if status != 401 or attempt or not self._refresh():
+                break
+        if status == 404 and method == "GET":
+            return None
+        if status >= 400:
+            raise KubeError(status, method, path, text)
+        result: Obj = json.loads(text) if text else {}
+        return result
+
+    def _refresh(self) -> bool:
+        """Log in again; True when that gave other credentials (worth one more try)."""
+        info = self._relogin() if self._relogin is not None else None
+        if info is None or _authorization(info) == self._auth:
+            return False
+        self._auth = _authorization(info)
+        return True
 
     async def get(self, path: str) -> Obj | None:
         return await self._request("GET", path)

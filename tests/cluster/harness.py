@@ -604,11 +604,15 @@ class LocalCluster:
             f"{name}/default SA",
         )
 
-    def service_account_kubeconfig(self, namespace: str, name: str, duration: str = "2h") -> Path:
-        """A kubeconfig holding a TokenRequest token for ServiceAccount ``namespace/name``."""
+    def service_account_kubeconfig(
+        self, namespace: str, name: str, duration: str = "2h", bound_secret: str = ""
+    ) -> Path:
+        """A kubeconfig holding a TokenRequest token for ServiceAccount ``namespace/name`` (written
+        over the last one; with ``bound_secret``, a token that deleting that Secret invalidates)."""
         assert self._ca is not None
+        bound = ["--bound-object-kind=Secret", f"--bound-object-name={bound_secret}"] if bound_secret else []
         token = self.kubectl(
-            "create", "token", name, f"--namespace={namespace}", f"--duration={duration}"
+            "create", "token", name, f"--namespace={namespace}", f"--duration={duration}", *bound
         ).stdout
         return write_kubeconfig(
             self.kubeconfig_dir / f"sa-{namespace}-{name}.kubeconfig",

@@ -239,3 +239,41 @@ def test_a_finished_resource_costs_no_api_request(
     assert operator_counter(operator, "commoncanvas_operator_finished_skips_total") >= skips + 3
     assert operator_counter(operator, "commoncanvas_operator_api_requests_total") == requests
     assert cluster.api.get(f"{API}/namespaces/{namespace}/scrapejobs/quiet")["status"] == finished["status"]
+
+
+def anchor_secret(cluster: LocalCluster, namespace: str, name: str) -> None:
+    cluster.api.create(
+        f"/api/v1/namespaces/{namespace}/secrets",
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque"},
+    )
+
+
+def test_a_rotated_token_is_picked_up_without_a_restart(
+    cluster: LocalCluster, namespace: str, minio: MinioServer, bucket: str, tmp_path: Path
+) -> None:
+    values = {"nodePools": {"cpu": {"nodeSelector": CPU_POOL.node_selector, "tolerations": []}}}
+    with installed_operator(cluster, namespace, minio, tmp_path, values) as env:
+        account = f"cc-{namespace}-operator"
+        anchor_secret(cluster, namespace, "token-anchor-1")
+        kubeconfig = cluster.service_account_kubeconfig(namespace, account, "10m", "token-anchor-1")
+        operator = OperatorProcess(
+            namespace, {**env, "KUBECONFIG": str(kubeconfig)}, tmp_path / "operator.log"
+        )
+        operator.start()
+        try:
+            seed_plans(minio, bucket, ("before", 1), ("after", 1))
+            cluster.apply(scrape_job("before", bucket), namespace)
+            wait_status(cluster, namespace, "scrapejobs", "before", phase("Succeeded"), "before Succeeded")
+            # The kubelet rotates a projected token on disk; here: a new token in the same file, and
+            # the one the operator started with invalidated (its bound Secret deleted).
+            anchor_secret(cluster, namespace, "token-anchor-2")
+            assert (
+                cluster.service_account_kubeconfig(namespace, account, "10m", "token-anchor-2") == kubeconfig
+            )
+            cluster.api.delete(f"/api/v1/namespaces/{namespace}/secrets/token-anchor-1")
+            seed_plans(minio, bucket, ("after", 1), ("unused", 1))
+            cluster.apply(scrape_job("after", bucket), namespace)
+            wait_status(cluster, namespace, "scrapejobs", "after", phase("Succeeded"), "after Succeeded", 90)
+        finally:
+            operator.kill()
+            print(operator.log_tail())
