@@ -411,6 +411,7 @@ def start_cluster(setup: Setup, state_dir: Path) -> LocalCluster:
         a100_nodes=setup.nodes,
         local_nodes=0,
         pod_run_seconds=1.0,
+        kueue=False,  # both sides as before: nothing else watching Jobs
     )
     began = time.monotonic()
     cluster.start(timeout=300)

@@ -57,7 +57,8 @@ class ShardImages(Dataset[dict[str, Any]]):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.dataset[index]
         row = {name: value for name, value in sample.items() if name not in self.dropped}
-        if self.duplicates and int(sample["photo_id"]) in self.duplicates:  # not even decoded: another copy is kept
+        # A dropped duplicate is not even decoded: the catalog keeps another copy.
+        if self.duplicates and int(sample["photo_id"]) in self.duplicates:
             return {"row": row, "pixels": None, "error": "duplicate: the catalog keeps another copy"}
         try:
             pixels = self.to_pixels(sample["image"])

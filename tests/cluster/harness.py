@@ -46,6 +46,8 @@ SERVICE_CIDR = "10.96.0.0/16"
 STATE_FILE = "cluster.json"
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
+KUEUE_PORTS = ("kueue-health", "kueue-metrics", "kueue-webhook")
+KUEUE_NAMESPACE = "kueue-system"
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,10 @@ class LocalCluster:
         binaries: Path | None = None,
         detached: bool = False,
         extra_args: Mapping[str, Sequence[str]] | None = None,
+        kueue: bool = True,
     ) -> None:
         self.state_dir = state_dir.resolve()
+        self.kueue = kueue
         self.cpu_nodes = cpu_nodes
         self.a100_nodes = a100_nodes
         self.local_nodes = local_nodes
@@ -183,7 +187,7 @@ class LocalCluster:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def check_binaries(self) -> None:
-        for name in BINARIES:
+        for name in (*BINARIES, *(("kueue",) if self.kueue else ())):
             find_binary(name, self.bin_dir)
 
     @property
@@ -202,7 +206,15 @@ class LocalCluster:
         for directory in ("etcd", "pods", "kubeconfigs", "pki", "kwok"):
             shutil.rmtree(self.state_dir / directory, ignore_errors=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"):
+        for name in (
+            "etcd",
+            "etcd-peer",
+            "apiserver",
+            "controller-manager",
+            "scheduler",
+            "kwok",
+            *KUEUE_PORTS,
+        ):
             self.ports[name] = free_port()
         phases: list[str] = []
         try:
@@ -214,6 +226,7 @@ class LocalCluster:
                 # their authentication config from the API server at start.
                 ("kube-apiserver ready", lambda: self._wait_apiserver(timeout)),
                 ("controllers", self._start_controllers),
+                *((("kueue", self._start_kueue),) if self.kueue else ()),
                 ("fake nodes", self._create_fake_nodes),
                 ("pod runners", self._start_pod_runners),
                 ("ready", lambda: self._wait_ready(timeout)),
@@ -282,6 +295,60 @@ class LocalCluster:
             write_kubeconfig(
                 self.kubeconfig_dir / f"{user}.kubeconfig", self.server, ca.cert_file, user, client=pair
             )
+
+    def _start_kueue(self) -> None:
+        """Kueue's controller manager with its CRDs (from the same build, cluster-tools), managing the
+        batch/v1 Jobs that carry a ``kueue.x-k8s.io/queue-name`` label; nothing else is touched. Its
+        webhooks are served but not registered (no Service to reach them): the operator creates queued
+        Jobs suspended itself, as Kueue's Job webhook would make them."""
+        assert self._ca is not None
+        crds = self.bin_dir.parent / "share" / "kueue" / "crds"
+        self.kubectl("apply", "--server-side", f"--filename={crds}", timeout=120)
+        self.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", "--filename", str(crds), timeout=90
+        )
+        self.kubectl("create", "namespace", KUEUE_NAMESPACE)
+        certs = self.state_dir / "kueue" / "certs"
+        certs.mkdir(parents=True, exist_ok=True)
+        serving = self._ca.issue("kueue-serving", "kueue", server_ips=("127.0.0.1",), client=False)
+        shutil.copyfile(serving.cert_file, certs / "tls.crt")
+        shutil.copyfile(serving.key_file, certs / "tls.key")
+        # A controller with wide RBAC in a real cluster; admin here, as kwok is.
+        pair = self._ca.issue("kueue", "kueue-controller-manager", organizations=("system:masters",))
+        kubeconfig = write_kubeconfig(
+            self.kubeconfig_dir / "kueue.kubeconfig", self.server, self._ca.cert_file, "kueue", client=pair
+        )
+        config = self.state_dir / "kueue" / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+                    "kind": "Configuration",
+                    "namespace": KUEUE_NAMESPACE,
+                    "health": {"healthProbeBindAddress": f"127.0.0.1:{self.ports['kueue-health']}"},
+                    "metrics": {"bindAddress": f"127.0.0.1:{self.ports['kueue-metrics']}"},
+                    "webhook": {
+                        "host": "127.0.0.1",
+                        "port": self.ports["kueue-webhook"],
+                        "certDir": str(certs),
+                    },
+                    "leaderElection": {"leaderElect": False},
+                    "internalCertManagement": {"enable": False},
+                    "integrations": {"frameworks": ["batch/job"]},
+                }
+            )
+        )
+        self._spawn(
+            "kueue",
+            [
+                self._binary("kueue"),
+                f"--config={config}",
+                f"--kubeconfig={kubeconfig}",
+                # The on-demand visibility API needs an APIService registration; not used here.
+                "--feature-gates=VisibilityOnDemand=false",
+            ],
+            env={**os.environ, "KUEUE_METRICS_CERT_DIR": str(certs)},
+        )
 
     def _node_kubeconfig(self, node_name: str) -> Path:
         """Node identity (system:node:NAME in system:nodes), authorised by the Node authorizer."""
@@ -531,6 +598,7 @@ class LocalCluster:
             ("kube-controller-manager", f"https://127.0.0.1:{self.ports['controller-manager']}/healthz"),
             ("kube-scheduler", f"https://127.0.0.1:{self.ports['scheduler']}/readyz"),
             ("kwok", f"http://127.0.0.1:{self.ports['kwok']}/healthz"),
+            *((("kueue", f"http://127.0.0.1:{self.ports['kueue-health']}/readyz"),) if self.kueue else ()),
         ):
             context = verify if url.startswith("https") else None
             wait_until(

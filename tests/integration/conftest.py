@@ -14,6 +14,24 @@ from commoncanvas.sample.server import LocalHTTPServer
 
 
 @pytest.fixture
+def operator(cluster: Any, namespace: str, minio: Any, tmp_path: Path) -> Iterator[Any]:
+    """The operator as the chart installs it (its RBAC, ServiceAccount and settings), watching the
+    test's namespace, with the harness's CPU pool as the chart's ``cpu`` node pool."""
+    from tests.cluster.harness import CPU_POOL
+    from tests.cluster.operator import OperatorProcess, installed_operator
+
+    values = {"nodePools": {"cpu": {"nodeSelector": CPU_POOL.node_selector, "tolerations": []}}}
+    with installed_operator(cluster, namespace, minio, tmp_path, values) as env:
+        running = OperatorProcess(namespace, env, tmp_path / "operator.log")
+        running.start()
+        try:
+            yield running
+        finally:
+            running.kill()
+            print(running.log_tail())
+
+
+@pytest.fixture
 def s3_env(minio: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """This process and its workers reach MinIO; S3 errors surface fast instead of after long retries."""
     env = {**minio.env(), "COMMONCANVAS_S3_MAX_ATTEMPTS": "2", "COMMONCANVAS_S3_CONNECT_TIMEOUT": "1"}

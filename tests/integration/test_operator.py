@@ -11,7 +11,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,21 +27,6 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "commoncanvas"
 API = "/apis/commoncanvas.dev/v1alpha1"
-
-
-@pytest.fixture
-def operator(
-    cluster: LocalCluster, namespace: str, minio: MinioServer, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    values = {"nodePools": {"cpu": {"nodeSelector": CPU_POOL.node_selector, "tolerations": []}}}
-    with installed_operator(cluster, namespace, minio, tmp_path, values) as env:
-        running = OperatorProcess(namespace, env, tmp_path / "operator.log")
-        running.start()
-        try:
-            yield running
-        finally:
-            running.kill()
-            print(running.log_tail())
 
 
 def scrape_job(name: str, bucket: str, **annotations: str) -> Obj:

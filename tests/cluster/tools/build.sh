@@ -50,6 +50,31 @@ helm_ldflags() {
 # service discovery; the cloud SDKs behind the others double its build time and are never used here.
 prometheus_tags() { echo "remove_all_sd"; }
 
+# Kueue's manager reads its metrics certificate from a fixed /etc/kueue/metrics/certs when its internal
+# certificate management is off (as here: no webhook Service to patch). The build points that one
+# path at $KUEUE_METRICS_CERT_DIR (tests/cluster/kueue.py): it builds from a copy of the module's source
+# in the cache, changed by that one line (a module-cache file cannot be overlaid), through a go.mod
+# there that replaces the module with the copy. Nothing of Kueue's source is kept in this repository.
+kueue_buildflags() {
+  local source copy=$cache_dir/kueue-src
+  source=$(cd "$tools_dir/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
+  rm -rf "$copy" && cp -r "$source" "$copy" && chmod -R u+w "$copy"
+  sed -i 's|metricsCertPath := "/etc/kueue/metrics/certs"|metricsCertPath := os.Getenv("KUEUE_METRICS_CERT_DIR")|' \
+    "$copy/cmd/kueue/main.go"
+  grep -q KUEUE_METRICS_CERT_DIR "$copy/cmd/kueue/main.go" || { echo "kueue: metrics cert path not found" >&2; return 1; }
+  { cat "$tools_dir/kueue/go.mod"; echo "replace sigs.k8s.io/kueue => $copy"; } > "$cache_dir/kueue-build.mod"
+  cp "$tools_dir/kueue/go.sum" "$cache_dir/kueue-build.sum"
+  echo "-modfile=$cache_dir/kueue-build.mod"
+}
+
+# Kueue's CRDs, from the same module, where the harness applies them from.
+kueue_after() {
+  local crds
+  crds=$(cd "$tools_dir/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)/config/components/crd/bases
+  rm -rf "$cache_dir/share/kueue/crds" && mkdir -p "$cache_dir/share/kueue/crds"
+  cp "$crds"/*.yaml "$cache_dir/share/kueue/crds/"
+}
+
 # recipe NAME -> "binary=package ..." ; the recipe text is part of the stamp key.
 recipe() {
   case $1 in
@@ -62,6 +87,7 @@ recipe() {
     kwok) echo "kwok=sigs.k8s.io/kwok/cmd/kwok" ;;
     etcd) echo "etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3" ;;
     helm) echo "helm=helm.sh/helm/v3/cmd/helm" ;;
+    kueue) echo "kueue=sigs.k8s.io/kueue/cmd/kueue" ;;
     prometheus)
       echo "prometheus=github.com/prometheus/prometheus/cmd/prometheus" \
         "promtool=github.com/prometheus/prometheus/cmd/promtool" ;;
@@ -69,7 +95,7 @@ recipe() {
   esac
 }
 
-all_tools=(kubernetes etcd kwok minio helm prometheus)
+all_tools=(kubernetes etcd kwok minio helm prometheus kueue)
 if [[ $# -gt 0 ]]; then
   selected=("$@")
 else
@@ -78,9 +104,10 @@ fi
 
 build_tool() {
   local name=$1 module_dir=$tools_dir/$1 entries key stamp entry binary pkg ldflags="-s -w" tags="" started
+  local -a buildflags=()
   entries=$(recipe "$name")
   # The key covers what decides the binaries: the module pins, the packages, and the ldflags recipe.
-  key=$(cat "$module_dir/go.mod" "$module_dir/go.sum" <(echo "$entries") <(declare -f "${name}_ldflags" "${name}_tags" || true) |
+  key=$(cat "$module_dir/go.mod" "$module_dir/go.sum" <(echo "$entries") <(declare -f "${name}_ldflags" "${name}_tags" "${name}_buildflags" "${name}_after" || true) |
     sha256sum | cut -c1-16)
   stamp=$bin_dir/.$name.$key
   local missing=0
@@ -97,6 +124,9 @@ build_tool() {
   if declare -F "${name}_tags" >/dev/null; then
     tags=$("${name}_tags")
   fi
+  if declare -F "${name}_buildflags" >/dev/null; then
+    read -r -a buildflags <<<"$("${name}_buildflags")"
+  fi
   if ! command -v go >/dev/null; then
     echo "cluster-tools: building $name needs Go >= 1.26 on PATH" >&2
     exit 1
@@ -107,9 +137,12 @@ build_tool() {
   for entry in $entries; do
     binary=${entry%%=*}
     pkg=${entry#*=}
-    (cd "$module_dir" && go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$bin_dir/$binary.tmp" "$pkg")
+    (cd "$module_dir" && go build -trimpath -tags "$tags" -ldflags "$ldflags" "${buildflags[@]}" -o "$bin_dir/$binary.tmp" "$pkg")
     mv -f "$bin_dir/$binary.tmp" "$bin_dir/$binary"
   done
+  if declare -F "${name}_after" >/dev/null; then
+    "${name}_after"
+  fi
   touch "$stamp"
   echo "cluster-tools: built $name in $((SECONDS - started)) s"
 }
