@@ -25,12 +25,11 @@ from typing import Any
 
 import yaml
 
+from commoncanvas.specs.common import DEFAULT_NODE_POOL, GROUP, PLURALS, VERSION
 from commoncanvas_operator.settings import NodePool, Settings
 
 Obj = dict[str, Any]
 
-GROUP = "commoncanvas.dev"
-VERSION = "v1alpha1"
 MANAGER = "commoncanvas-operator"
 JOB_FILE_KEY = "job.yaml"
 JOB_FILE_DIR = "/etc/commoncanvas"
@@ -67,11 +66,12 @@ class StageKind:
 
 
 STAGES: dict[str, StageKind] = {
-    "ScrapeJob": StageKind("ScrapeJob", "scrapejobs", "scrape", None, None),
-    "CaptionJob": StageKind("CaptionJob", "captionjobs", "caption", ("input", "scrapeJobRef"), "ScrapeJob"),
+    "ScrapeJob": StageKind("ScrapeJob", PLURALS["ScrapeJob"], "scrape", None, None),
+    "CaptionJob": StageKind(
+        "CaptionJob", PLURALS["CaptionJob"], "caption", ("input", "scrapeJobRef"), "ScrapeJob"
+    ),
 }
 UPSTREAM_URI_FIELDS = {"CaptionJob": ("input", "uris"), "TrainRun": ("dataset", "uris")}
-PLURALS = {"ScrapeJob": "scrapejobs", "CaptionJob": "captionjobs", "TrainRun": "trainruns"}
 
 
 def child_name(name: str, step: str) -> str:
@@ -336,7 +336,7 @@ def stage_work(body: Obj, settings: Settings, output_uri: str | None = None) -> 
         name=name,
         command=STAGES[kind].command,
         step_prefix="",
-        pool=(spec.get("nodePool") or "a100") if caption else settings.scrape_pool,
+        pool=(spec.get("nodePool") or DEFAULT_NODE_POOL) if caption else settings.scrape_pool,
         gpus=int(spec.get("gpusPerPod", 1)) if caption else 0,
         parallelism=int(spec.get("parallelism", 1)),
         output_uri=output_uri or (spec.get("output") or {}).get("uri", ""),

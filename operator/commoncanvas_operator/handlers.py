@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
-from commoncanvas.specs.common import Phase
+from commoncanvas.specs.common import GROUP, PLURALS, VERSION, Phase
+from commoncanvas.storage import StorageError
 from commoncanvas_operator import builders, metrics, reducers, store
-from commoncanvas_operator.builders import GROUP, STAGES, VERSION
+from commoncanvas_operator.builders import STAGES
 from commoncanvas_operator.kube import Kube, KubeError, collection_path
 from commoncanvas_operator.settings import Settings
 
@@ -38,6 +40,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING
     settings.peering.lifetime = SETTINGS.peering_lifetime_seconds
+    # No wait on the API server is unbounded: kopf's own requests and watches time out and reconnect.
+    settings.networking.request_timeout = 30
+    settings.networking.connect_timeout = 10
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
     if SETTINGS.operator_metrics_port:
         start_http_server(SETTINGS.operator_metrics_port)
 
@@ -279,7 +287,7 @@ async def observe_train(body: Obj) -> tuple[reducers.TrainObserved, str, builder
     job_file = await read_job_file(namespace, name)
     output_uri = builders.applied_output_uri(job_file) or spec["output"]["uri"]
     invalid = ""
-    pool = (spec.get("distributed") or {}).get("nodePool") or "a100"
+    pool = (spec.get("distributed") or {}).get("nodePool") or builders.DEFAULT_NODE_POOL
     try:
         SETTINGS.pool(pool)
     except KeyError as error:
@@ -349,9 +357,45 @@ async def reconcile_train(body: kopf.Body, patch: kopf.Patch, logger: Logger) ->
     report(body, patch, logger, observed.previous, status)
 
 
+LAST_SUCCESS = [time.monotonic()]  # when a reconcile pass last finished without an error
+
+
+@kopf.on.probe(id="lastReconcileAgeSeconds")
+def last_reconcile_age(**_: Any) -> float:
+    """On the liveness endpoint: seconds since a reconcile pass last succeeded."""
+    return round(time.monotonic() - LAST_SUCCESS[0], 1)
+
+
 def _register(plural: str) -> None:
     @kopf.timer(GROUP, VERSION, plural, id="reconcile", interval=SETTINGS.reconcile_seconds)
     async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Logger, **_: Any) -> None:
+        try:
+            await reconcile_once(body, patch, logger)
+        except KubeError as error:
+            if error.status in (409, 429) or error.status >= 500:
+                raise kopf.TemporaryError(f"API server: {error}", delay=5) from None
+            # A request the API server refuses (400, 403, 422 ...) is refused again next time: say
+            # so on the resource, once per pass, instead of retrying in a storm.
+            patch.status["conditions"] = reducers.merge_conditions(
+                (body.get("status") or {}).get("conditions") or [],
+                [
+                    *(
+                        c
+                        for c in (body.get("status") or {}).get("conditions") or []
+                        if c["type"] != "ApplyRefused"
+                    ),
+                    reducers.apply_refused_condition(error.status, str(error)),
+                ],
+                now(),
+                int(body["metadata"].get("generation") or 0),
+            )
+            logger.warning("%s: %s", body["metadata"]["name"], error)
+        except StorageError as error:
+            raise kopf.TemporaryError(f"object store: {error}", delay=5) from None
+        else:
+            LAST_SUCCESS[0] = time.monotonic()
+
+    async def reconcile_once(body: kopf.Body, patch: kopf.Patch, logger: Logger) -> None:
         status = dict(body.get("status") or {})
         generation = int(body["metadata"].get("generation") or 0)
         if reducers.is_terminal(status) and status.get("observedGeneration") == generation:
@@ -375,4 +419,4 @@ def _register(plural: str) -> None:
 
 for _stage in STAGES.values():
     _register(_stage.plural)
-_register(builders.PLURALS["TrainRun"])
+_register(PLURALS["TrainRun"])

@@ -15,8 +15,9 @@ from urllib.parse import quote
 import aiohttp
 import kopf
 
+from commoncanvas.specs.common import GROUP, PLURALS, VERSION
 from commoncanvas_operator import metrics
-from commoncanvas_operator.builders import GROUP, MANAGER, PLURALS, VERSION
+from commoncanvas_operator.builders import MANAGER
 
 Obj = dict[str, Any]
 

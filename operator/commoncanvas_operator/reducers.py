@@ -430,6 +430,11 @@ def transition_events(previous: Obj, current: Obj) -> list[tuple[str, str, str]]
 WARNED_CONDITIONS = ("SpecChangeRefused", "TemplateDrift")
 
 
+def apply_refused_condition(status_code: int, message: str) -> Obj:
+    """The API server refused what the operator sent (not a conflict, throttling or outage)."""
+    return _condition("ApplyRefused", True, f"HTTP{status_code}", message[:1000])
+
+
 def drift_condition(drifted: list[str]) -> Obj:
     """An upgrade changed what a running Job's template would be: the Job is kept as it runs (a pod
     template is immutable), and Jobs created from now on get the new template."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from commoncanvas.specs.common import DEFAULT_NODE_POOL
+
 SETTINGS_ENV = "COMMONCANVAS_OPERATOR_SETTINGS"
 A100_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 # The worker images' user (images/worker*.Dockerfile: USER 10001:10001).
@@ -50,7 +52,7 @@ def default_security_context() -> dict[str, Any]:
 
 def _default_pools() -> dict[str, NodePool]:
     return {
-        "a100": NodePool(
+        DEFAULT_NODE_POOL: NodePool(
             node_selector={"nvidia.com/gpu.product": A100_PRODUCT},
             tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         ),

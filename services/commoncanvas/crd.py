@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel
 
 from commoncanvas.specs import GROUP, VERSION, CaptionJob, ScrapeJob, TrainRun
+from commoncanvas.specs.common import PLURALS
 
 _DROP = {"title", "additionalProperties", "$defs", "discriminator"}
 
@@ -29,7 +30,7 @@ class KindInfo:
 KIND_INFO: dict[str, KindInfo] = {
     "ScrapeJob": KindInfo(
         ScrapeJob,
-        "scrapejobs",
+        PLURALS["ScrapeJob"],
         ("sj",),
         (
             {"name": "Commercial", "type": "integer", "jsonPath": ".status.samples.commercial"},
@@ -43,7 +44,7 @@ KIND_INFO: dict[str, KindInfo] = {
     ),
     "CaptionJob": KindInfo(
         CaptionJob,
-        "captionjobs",
+        PLURALS["CaptionJob"],
         ("cj",),
         (
             {"name": "Commercial", "type": "integer", "jsonPath": ".status.captions.commercial"},
@@ -57,7 +58,7 @@ KIND_INFO: dict[str, KindInfo] = {
     ),
     "TrainRun": KindInfo(
         TrainRun,
-        "trainruns",
+        PLURALS["TrainRun"],
         ("tr",),
         (
             {"name": "Step", "type": "integer", "jsonPath": ".status.step"},

@@ -4,6 +4,7 @@ ServiceAccount): a `helm upgrade` mid-run, `kubectl wait`, suspend and resume, a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -239,6 +240,10 @@ def test_a_finished_resource_costs_no_api_request(
     assert operator_counter(operator, "commoncanvas_operator_finished_skips_total") >= skips + 3
     assert operator_counter(operator, "commoncanvas_operator_api_requests_total") == requests
     assert cluster.api.get(f"{API}/namespaces/{namespace}/scrapejobs/quiet")["status"] == finished["status"]
+    from tests.integration.test_operator import http_get
+
+    code, text = http_get(f"http://127.0.0.1:{operator.liveness}/healthz")
+    assert code == 200 and 0 <= json.loads(text)["lastReconcileAgeSeconds"] < 5, text
 
 
 def anchor_secret(cluster: LocalCluster, namespace: str, name: str) -> None:
@@ -277,3 +282,34 @@ def test_a_rotated_token_is_picked_up_without_a_restart(
         finally:
             operator.kill()
             print(operator.log_tail())
+
+
+def test_a_request_the_api_server_refuses_is_a_condition_not_a_retry_storm_and_clears_once_allowed(
+    cluster: LocalCluster,
+    namespace: str,
+    minio: MinioServer,
+    bucket: str,
+    chart_operator: tuple[OperatorProcess, dict[str, str]],
+) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-jobs"},
+        "spec": {"hard": {"count/jobs.batch": "0"}},
+    }
+    cluster.apply(quota, namespace)
+    seed_plans(minio, bucket, ("capped", 1), ("unused", 1))
+    cluster.apply(scrape_job("capped", bucket), namespace)
+    refused = wait_status(
+        cluster,
+        namespace,
+        "scrapejobs",
+        "capped",
+        lambda s: "ApplyRefused" in conditions_of(s),
+        "ApplyRefused",
+    )
+    condition = conditions_of(refused["status"])["ApplyRefused"]
+    assert condition["reason"] == "HTTP403" and "exceeded quota" in condition["message"]
+    cluster.api.delete(f"/api/v1/namespaces/{namespace}/resourcequotas/no-jobs")
+    done = wait_status(cluster, namespace, "scrapejobs", "capped", phase("Succeeded"), "Succeeded", 90)
+    assert "ApplyRefused" not in conditions_of(done["status"])

@@ -6,7 +6,7 @@ from typing import Literal, cast
 
 from pydantic import ConfigDict, Field, model_validator
 
-from commoncanvas.specs.common import CommonStatus, KubeModel, ObjectMeta
+from commoncanvas.specs.common import DEFAULT_NODE_POOL, CommonStatus, KubeModel, ObjectMeta
 
 SplitName = Literal["commercial", "noncommercial"]
 # 70M images / 8,192 = ~8.5k units: a few minutes each at the ~100 images/s a BLIP-2 GPU worker aims
@@ -92,7 +92,7 @@ class CaptionJobSpec(KubeModel):
         "over on resume; nothing is lost",
     )
     gpus_per_pod: int = Field(1, ge=0, le=16, description="GPUs per worker pod: one captioner per GPU")
-    node_pool: str = Field("a100", description="Node pool from the chart's values to run on")
+    node_pool: str = Field(DEFAULT_NODE_POOL, description="Node pool from the chart's values to run on")
 
 
 class CaptionJobStatus(CommonStatus):

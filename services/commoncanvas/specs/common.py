@@ -16,6 +16,10 @@ from pydantic.alias_generators import to_camel
 GROUP = "commoncanvas.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# The custom resources' plural names (CRDs, API paths, kopf handlers: one place).
+PLURALS = {"ScrapeJob": "scrapejobs", "CaptionJob": "captionjobs", "TrainRun": "trainruns"}
+# The node pool GPU work runs on unless a spec names another (the chart defines it).
+DEFAULT_NODE_POOL = "a100"
 
 
 class KubeModel(BaseModel):

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from commoncanvas.specs.caption import CAPTION_SAMPLES_PER_UNIT
-from commoncanvas.specs.common import CommonStatus, KubeModel, ObjectMeta
+from commoncanvas.specs.common import DEFAULT_NODE_POOL, CommonStatus, KubeModel, ObjectMeta
 
 SplitName = Literal["commercial", "noncommercial"]
 
@@ -101,7 +101,7 @@ class Distributed(KubeModel):
     max_nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=0, description="Processes per node (0 = one CPU process)")
     max_restarts: int = Field(3, ge=0, description="torchrun restarts of the whole group")
-    node_pool: str = "a100"
+    node_pool: str = DEFAULT_NODE_POOL
 
     @model_validator(mode="after")
     def _ordered(self) -> Distributed:
