@@ -47,3 +47,20 @@ def test_each_completed_worker_writes_its_units_markers_once_and_its_progress_ob
     assert json.loads(minio.objects[f"{BUCKET}/caption/_units/000002.json"])["unit"] == 2
     progress = json.loads(minio.objects[f"{BUCKET}/caption/_workers/w0001.json"])
     assert progress["units"] == [1] and progress["modelLoads"] == 1
+
+
+def test_the_steady_state_report_puts_this_operator_beside_the_baseline(capsys: Any) -> None:
+    import argparse
+
+    from bench.operator_steady import report
+
+    args = argparse.Namespace(
+        finished=200, running=20, window=30.0, reconcile_seconds=5.0, rounds=2, baseline_rev="abc", timeout=1
+    )
+    ours = [{"requests_per_second": 8.0, "cpu_per_second": 0.05, "peak_rss_mb": 150.0}] * 2
+    theirs = [{"requests_per_second": 80.0, "cpu_per_second": 0.5, "peak_rss_mb": 180.0}] * 2
+    line = report(args, {"operator": ours, "baseline": theirs})
+    printed = capsys.readouterr().out
+    assert "| API requests / s" in printed and "0.10x" in printed
+    assert line["requests_per_second"]["operator"]["median"] == 8.0
+    assert line["requests_per_second"]["baseline"]["median"] == 80.0
