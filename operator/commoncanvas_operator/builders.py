@@ -42,8 +42,6 @@ POD_ANNOTATION_PREFIX = f"{GROUP}/"
 STEPS = ("plan", "units", "finalize")
 # The spec a stage's children were made from, on its job-file ConfigMap.
 APPLIED_SPEC_ANNOTATION = f"{GROUP}/applied-spec"
-# Spec fields whose change reaches running work whole (a Job's parallelism and suspend are mutable).
-MUTABLE_SPEC_FIELDS = frozenset({"parallelism", "suspend"})
 # The root filesystem is read-only (Settings.worker_security_context), so what a worker writes goes to
 # this emptyDir: temporary files, its home and the caches under it.
 SCRATCH_VOLUME = "tmp"
@@ -136,48 +134,6 @@ def build_job_file(resource: Obj, spec: Obj) -> Obj:
         },
         "data": {JOB_FILE_KEY: yaml.safe_dump(resource, sort_keys=False)},
     }
-
-
-def spec_differences(applied: Any, wanted: Any, path: str = "spec") -> list[str]:
-    """Dotted paths of the fields that differ between two specs (a list counts as one field)."""
-    if isinstance(applied, dict) and isinstance(wanted, dict):
-        return [
-            difference
-            for key in sorted(set(applied) | set(wanted))
-            for difference in spec_differences(applied.get(key), wanted.get(key), f"{path}.{key}")
-        ]
-    return [] if applied == wanted else [path]
-
-
-def refused_change(job_file: Obj | None, spec: Obj) -> str:
-    """Why ``spec`` cannot be applied to the work already made from the job file (empty: it can).
-
-    Pods read the job file when they start, so changing it under running work would mix settings
-    within one output; only the Jobs' ``parallelism`` and ``suspend`` can change in place."""
-    if not job_file:
-        return ""
-    recorded = ((job_file.get("metadata") or {}).get("annotations") or {}).get(APPLIED_SPEC_ANNOTATION)
-    if recorded is None:  # made before the spec was recorded: only its output URI is known
-        applied: Obj = {"output": {"uri": applied_output_uri(job_file)}}
-        wanted: Obj = {"output": {"uri": (spec.get("output") or {}).get("uri")}}
-    else:
-        applied, wanted = json.loads(recorded), spec
-    changed = [
-        path for path in spec_differences(applied, wanted) if path.split(".")[1] not in MUTABLE_SPEC_FIELDS
-    ]
-    if not changed:
-        return ""
-    if changed == ["spec.output.uri"]:
-        before, after = applied["output"]["uri"], wanted["output"]["uri"]
-        return (
-            f"spec.output.uri changed from {before} to {after}, but this resource's work already "
-            f"writes to {before}; set it back, or create a new resource for a new output"
-        )
-    return (
-        f"{', '.join(changed)} changed after this resource's work started; its Jobs and pods were made "
-        "from the earlier spec and cannot take the change. Set it back, or create a new resource "
-        "with the new settings (only parallelism and suspend change in place)"
-    )
 
 
 def applied_output_uri(job_file: Obj | None) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from commoncanvas_operator.builders import LATENTS_PREFIX
+from commoncanvas_operator.builders import APPLIED_SPEC_ANNOTATION, LATENTS_PREFIX, applied_output_uri
 
 Obj = dict[str, Any]
 
@@ -107,6 +107,54 @@ class Observed:
     suspended: bool = False  # spec.suspend
     work: ShardedView = field(default_factory=ShardedView)
     summary: Obj | None = None
+
+
+# --- the spec-change policy: what a started resource's work can take ---------------------------
+
+# Spec fields whose change reaches running work whole (a Job's parallelism and suspend are mutable).
+MUTABLE_SPEC_FIELDS = frozenset({"parallelism", "suspend"})
+
+
+def spec_differences(applied: Any, wanted: Any, path: str = "spec") -> list[str]:
+    """Dotted paths of the fields that differ between two specs (a list counts as one field)."""
+    if isinstance(applied, dict) and isinstance(wanted, dict):
+        return [
+            difference
+            for key in sorted(set(applied) | set(wanted))
+            for difference in spec_differences(applied.get(key), wanted.get(key), f"{path}.{key}")
+        ]
+    return [] if applied == wanted else [path]
+
+
+def refused_change(job_file: Obj | None, spec: Obj) -> str:
+    """Why ``spec`` cannot be applied to the work already made from the job file (empty: it can).
+
+    Pods read the job file when they start, so changing it under running work would mix settings
+    within one output; only the Jobs' ``parallelism`` and ``suspend`` can change in place."""
+    if not job_file:
+        return ""
+    recorded = ((job_file.get("metadata") or {}).get("annotations") or {}).get(APPLIED_SPEC_ANNOTATION)
+    if recorded is None:  # made before the spec was recorded: only its output URI is known
+        applied: Obj = {"output": {"uri": applied_output_uri(job_file)}}
+        wanted: Obj = {"output": {"uri": (spec.get("output") or {}).get("uri")}}
+    else:
+        applied, wanted = json.loads(recorded), spec
+    changed = [
+        path for path in spec_differences(applied, wanted) if path.split(".")[1] not in MUTABLE_SPEC_FIELDS
+    ]
+    if not changed:
+        return ""
+    if changed == ["spec.output.uri"]:
+        before, after = applied["output"]["uri"], wanted["output"]["uri"]
+        return (
+            f"spec.output.uri changed from {before} to {after}, but this resource's work already "
+            f"writes to {before}; set it back, or create a new resource for a new output"
+        )
+    return (
+        f"{', '.join(changed)} changed after this resource's work started; its Jobs and pods were made "
+        "from the earlier spec and cannot take the change. Set it back, or create a new resource "
+        "with the new settings (only parallelism and suspend change in place)"
+    )
 
 
 def count_indexes(text: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from commoncanvas_operator import builders
+from commoncanvas_operator import builders, reducers
 
 SPEC: dict[str, Any] = {
     "source": {"uri": "s3://b/yfcc.tsv"},
@@ -34,7 +34,7 @@ def edited(**changes: Any) -> dict[str, Any]:
 
 def test_differences_are_dotted_paths_and_a_list_is_one_field() -> None:
     wanted = edited(fetch__retries=2, licenses__allow=["CC-BY"], filters__minSide=64)
-    assert builders.spec_differences(SPEC, wanted) == [
+    assert reducers.spec_differences(SPEC, wanted) == [
         "spec.fetch.retries",
         "spec.filters",
         "spec.licenses.allow",
@@ -42,24 +42,24 @@ def test_differences_are_dotted_paths_and_a_list_is_one_field() -> None:
 
 
 def test_no_children_yet_or_the_same_spec_is_never_refused() -> None:
-    assert builders.refused_change(None, edited(fetch__retries=0)) == ""
-    assert builders.refused_change(job_file(SPEC), copy.deepcopy(SPEC)) == ""
+    assert reducers.refused_change(None, edited(fetch__retries=0)) == ""
+    assert reducers.refused_change(job_file(SPEC), copy.deepcopy(SPEC)) == ""
 
 
 def test_parallelism_and_suspend_change_in_place() -> None:
-    assert builders.refused_change(job_file(SPEC), edited(parallelism=16)) == ""
-    assert builders.refused_change(job_file(SPEC), edited(suspend=True)) == ""
+    assert reducers.refused_change(job_file(SPEC), edited(parallelism=16)) == ""
+    assert reducers.refused_change(job_file(SPEC), edited(suspend=True)) == ""
 
 
 def test_a_change_running_pods_cannot_take_is_refused_naming_the_fields() -> None:
-    message = builders.refused_change(job_file(SPEC), edited(fetch__concurrency=8, parallelism=2))
+    message = reducers.refused_change(job_file(SPEC), edited(fetch__concurrency=8, parallelism=2))
     assert message.startswith("spec.fetch.concurrency changed after this resource's work started")
     assert "parallelism" not in message.split(" changed")[0]
     assert "create a new resource" in message
 
 
 def test_an_output_change_says_where_the_work_already_writes() -> None:
-    message = builders.refused_change(job_file(SPEC), edited(output__uri="s3://b/other"))
+    message = reducers.refused_change(job_file(SPEC), edited(output__uri="s3://b/other"))
     assert message == (
         "spec.output.uri changed from s3://b/catalog to s3://b/other, but this resource's work already "
         "writes to s3://b/catalog; set it back, or create a new resource for a new output"
@@ -69,8 +69,8 @@ def test_an_output_change_says_where_the_work_already_writes() -> None:
 def test_a_job_file_without_the_recorded_spec_still_guards_the_output() -> None:
     old = job_file(SPEC)
     del old["metadata"]["annotations"]
-    assert builders.refused_change(old, edited(fetch__retries=0)) == ""
-    assert "spec.output.uri changed" in builders.refused_change(old, edited(output__uri="s3://b/x"))
+    assert reducers.refused_change(old, edited(fetch__retries=0)) == ""
+    assert "spec.output.uri changed" in reducers.refused_change(old, edited(output__uri="s3://b/x"))
 
 
 def test_kopfs_bookkeeping_never_reaches_a_pod_template() -> None:
