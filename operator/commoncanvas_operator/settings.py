@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.alias_generators import to_camel
 
 from commoncanvas.specs.common import DEFAULT_NODE_POOL
 
@@ -21,12 +23,24 @@ A100_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 WORKER_UID = 10001
 
 
-@dataclass(frozen=True)
-class NodePool:
+class _ChartValues(BaseModel):
+    """camelCase as the chart writes it; an unknown key is an error (a typo must not pass unseen)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class NodePool(_ChartValues):
     """Where a pool's pods go: its nodeSelector and tolerations, as Kubernetes writes them."""
 
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("node_selector", "tolerations", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:  # a chart value set to null: none
+            return {} if info.field_name == "node_selector" else []
+        return value
 
 
 def default_pod_security_context() -> dict[str, Any]:
@@ -60,27 +74,26 @@ def _default_pools() -> dict[str, NodePool]:
     }
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(_ChartValues):
     cpu_image: str = "commoncanvas/worker:0.1.0"
     gpu_image: str = "commoncanvas/worker-gpu:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     # The chart's Secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and ConfigMap (S3_ENDPOINT_URL).
     object_store_secret: str = "commoncanvas-object-store"
     object_store_config: str = "commoncanvas-object-store"
-    pools: dict[str, NodePool] = field(default_factory=_default_pools)
+    pools: dict[str, NodePool] = Field(default_factory=_default_pools)
     # Pools for the pods that name none: ScrapeJob units, and every stage's plan/finalize pod.
     scrape_pool: str = "cpu"
     control_pool: str = "cpu"
     worker_service_account: str = ""
     # As Kubernetes writes them; empty: none. The TrainRun's pods size themselves from its spec, so
     # worker_resources is for the stages' pods (plan, units, finalize) only.
-    worker_pod_security_context: dict[str, Any] = field(default_factory=default_pod_security_context)
-    worker_security_context: dict[str, Any] = field(default_factory=default_security_context)
-    worker_resources: dict[str, Any] = field(default_factory=dict)
+    worker_pod_security_context: dict[str, Any] = Field(default_factory=default_pod_security_context)
+    worker_security_context: dict[str, Any] = Field(default_factory=default_security_context)
+    worker_resources: dict[str, Any] = Field(default_factory=dict)
     # A Kubernetes volume source for the model cache the workers of a node share (a PVC, or hostPath
     # where Pod Security allows it); empty: each pod caches under its own /tmp emptyDir.
-    model_cache: dict[str, Any] = field(default_factory=dict)
+    model_cache: dict[str, Any] = Field(default_factory=dict)
     backoff_limit_per_index: int = 2
     metrics_port: int = 9400
     # Workers keep /metrics up this long after their work (METRICS_LINGER_SECONDS in their pods).
@@ -96,52 +109,29 @@ class Settings:
             raise KeyError(f"node pool {name!r} is not one of the operator's pools {sorted(self.pools)}")
         return self.pools[name]
 
+    @field_validator(
+        "worker_pod_security_context",
+        "worker_security_context",
+        "worker_resources",
+        "model_cache",
+        mode="before",
+    )
+    @classmethod
+    def _null_is_none(cls, value: Any) -> Any:
+        # null (a chart value set to null) is none, as {} is; absent is the default.
+        return {} if value is None else value
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
-        """Settings from the chart's camelCase JSON; unknown keys are an error (a typo must not pass)."""
-        names = {
-            "cpuImage": "cpu_image",
-            "gpuImage": "gpu_image",
-            "imagePullPolicy": "image_pull_policy",
-            "objectStoreSecret": "object_store_secret",
-            "objectStoreConfig": "object_store_config",
-            "scrapePool": "scrape_pool",
-            "controlPool": "control_pool",
-            "workerServiceAccount": "worker_service_account",
-            "workerPodSecurityContext": "worker_pod_security_context",
-            "workerSecurityContext": "worker_security_context",
-            "workerResources": "worker_resources",
-            "modelCache": "model_cache",
-            "backoffLimitPerIndex": "backoff_limit_per_index",
-            "metricsPort": "metrics_port",
-            "metricsLingerSeconds": "metrics_linger_seconds",
-            "peeringLifetimeSeconds": "peering_lifetime_seconds",
-            "reconcileSeconds": "reconcile_seconds",
-            "operatorMetricsPort": "operator_metrics_port",
-        }
-        unknown = set(data) - set(names) - {"pools"}
-        if unknown:
-            raise ValueError(
-                f"unknown operator settings {sorted(unknown)}; known: {sorted([*names, 'pools'])}"
+        """Settings from the chart's camelCase JSON; every problem is named by its field, one line."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+                for problem in error.errors()
             )
-        kwargs: dict[str, Any] = {names[key]: value for key, value in data.items() if key in names}
-        for key in ("workerPodSecurityContext", "workerSecurityContext", "workerResources", "modelCache"):
-            if key not in data:
-                continue
-            # null (a chart value set to null) is none, as {} is; absent is the default.
-            value = data[key] if data[key] is not None else {}
-            if not isinstance(value, dict):
-                raise ValueError(f"operator setting {key} must be a mapping, got {value!r}")
-            kwargs[names[key]] = value
-        if "pools" in data:
-            kwargs["pools"] = {
-                name: NodePool(
-                    node_selector=dict(pool.get("nodeSelector") or {}),
-                    tolerations=list(pool.get("tolerations") or []),
-                )
-                for name, pool in data["pools"].items()
-            }
-        return cls(**kwargs)
+            raise ValueError(f"operator settings ({SETTINGS_ENV}): {problems}") from None
 
     @classmethod
     def load(cls) -> Settings:

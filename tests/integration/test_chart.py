@@ -8,7 +8,6 @@ from __future__ import annotations
 import filecmp
 import json
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -183,10 +182,11 @@ def rendered_settings(*args: str) -> Settings:
 def test_settings_carry_the_worker_pods_hardening_and_its_overrides() -> None:
     defaults = rendered_settings()
     # The chart's defaults are the operator's own (bar the object store's names, the release's).
-    assert defaults == replace(
-        Settings(),
-        object_store_secret=defaults.object_store_secret,
-        object_store_config=defaults.object_store_config,
+    assert defaults == Settings().model_copy(
+        update={
+            "object_store_secret": defaults.object_store_secret,
+            "object_store_config": defaults.object_store_config,
+        }
     )
     assert defaults.worker_pod_security_context == {
         "runAsNonRoot": True,

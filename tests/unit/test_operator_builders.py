@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -135,13 +134,18 @@ def test_children_are_labelled_with_their_owner_and_step() -> None:
     assert job["metadata"]["labels"]["app.kubernetes.io/managed-by"] == builders.MANAGER
 
 
-def test_settings_reject_unknown_keys() -> None:
+def test_settings_reject_unknown_keys_and_bad_values_naming_the_field() -> None:
     with pytest.raises(ValueError, match="cpuImag"):
         Settings.from_dict({"cpuImag": "x"})
     with pytest.raises(ValueError, match="workerSecurityContexts"):
         Settings.from_dict({"workerSecurityContexts": {}})
-    with pytest.raises(ValueError, match="workerPodSecurityContext must be a mapping"):
+    with pytest.raises(ValueError, match="workerPodSecurityContext: Input should be a valid dictionary"):
         Settings.from_dict({"workerPodSecurityContext": ["runAsNonRoot"]})
+    with pytest.raises(ValueError, match=r"pools\.a100\.tolerations: Input should be a valid list"):
+        Settings.from_dict({"pools": {"a100": {"tolerations": "all"}}})
+    with pytest.raises(ValueError, match="reconcileSeconds: Input should be a valid number"):
+        Settings.from_dict({"reconcileSeconds": "often"})
+    assert Settings.from_dict({"pools": {"cpu": {"nodeSelector": None}}}).pool("cpu").node_selector == {}
 
 
 def stage_pods(settings: Settings = SETTINGS) -> list[tuple[str, dict[str, Any]]]:
@@ -262,7 +266,7 @@ def test_metrics_linger_reaches_every_worker_pod_only_when_set() -> None:
 
 
 def test_a_shared_model_cache_is_mounted_in_worker_pods_and_named_to_the_loader() -> None:
-    shared = dataclasses.replace(SETTINGS, model_cache={"persistentVolumeClaim": {"claimName": "models"}})
+    shared = SETTINGS.model_copy(update={"model_cache": {"persistentVolumeClaim": {"claimName": "models"}}})
     pod = builders.build_stage_job(caption_job(), "units", shared, units=4)["spec"]["template"]["spec"]
     [container] = pod["containers"]
     volumes = {v["name"]: v for v in pod["volumes"]}
