@@ -211,8 +211,11 @@ def _share_model_cache(pod_spec: Obj, container: Obj, settings: Settings) -> Non
     container["env"] += [{"name": name, "value": value} for name, value in shared.items()]
 
 
-def _place(pod_spec: Obj, pool: NodePool, settings: Settings) -> None:
-    """Where a worker pod runs (its pool's nodeSelector and tolerations) and as which ServiceAccount."""
+def _place(pod_spec: Obj, pool: NodePool, settings: Settings, priority_class: str = "") -> None:
+    """Where a worker pod runs (its pool's nodeSelector and tolerations), at which priority (the
+    resource's spec.priorityClassName, else its pool's) and as which ServiceAccount."""
+    if priority_class or pool.priority_class_name:
+        pod_spec["priorityClassName"] = priority_class or pool.priority_class_name
     if pool.node_selector:
         pod_spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
@@ -274,6 +277,7 @@ class ShardedWork:
     suspend: bool = False  # the units Job's ``suspend`` (the owner's spec.suspend)
     annotations: dict[str, str] = field(default_factory=dict)  # for the units pods
     queue: dict[str, str] = field(default_factory=dict)  # Kueue's labels, for every Job
+    priority_class: str = ""  # the owner's spec.priorityClassName ("": its pool's)
 
     def step_name(self, step: str) -> str:
         return f"{self.step_prefix}{step}"
@@ -300,6 +304,7 @@ def stage_work(body: Obj, settings: Settings, output_uri: str | None = None) -> 
         suspend=bool(spec.get("suspend")),
         annotations=pod_annotations(body),
         queue=queue_labels(body),
+        priority_class=str(spec.get("priorityClassName") or ""),
     )
 
 
@@ -331,6 +336,7 @@ def latents_work(body: Obj, output_uri: str | None = None) -> ShardedWork:
         suspend=bool(spec.suspend),
         annotations=pod_annotations(body),
         queue=queue_labels(body),
+        priority_class=spec.priority_class_name or "",
     )
 
 
@@ -387,7 +393,7 @@ def sharded_pod_template(work: ShardedWork, step: str, settings: Settings) -> Ob
     _harden(pod_spec, container, settings)
     if units:
         _share_model_cache(pod_spec, container, settings)
-    _place(pod_spec, pool, settings)
+    _place(pod_spec, pool, settings, work.priority_class)
     metadata: Obj = {"labels": labels(work.kind, work.name, work.step_name(step))}
     if work.annotations and units:
         metadata["annotations"] = dict(work.annotations)
@@ -547,7 +553,7 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
         ],
     }
     _harden(pod_spec, container, settings)
-    _place(pod_spec, pool, settings)
+    _place(pod_spec, pool, settings, run.spec.priority_class_name or "")
     metadata: Obj = {"labels": labels("TrainRun", name, "train")}
     annotations = pod_annotations(body)
     if annotations:

@@ -34,6 +34,8 @@ class NodePool(_ChartValues):
 
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    # The PriorityClass of the pool's pods unless a resource names its own (spec.priorityClassName).
+    priority_class_name: str = ""
 
     @field_validator("node_selector", "tolerations", mode="before")
     @classmethod

@@ -279,3 +279,29 @@ def test_a_shared_model_cache_is_mounted_in_worker_pods_and_named_to_the_loader(
     assert [e["name"] for e in container["env"]].count("HF_HOME") == 1
     plain = builders.build_stage_job(caption_job(), "units", SETTINGS, units=4)["spec"]["template"]["spec"]
     assert builders.MODEL_CACHE_VOLUME not in {v["name"] for v in plain["volumes"]}
+
+
+def test_pods_take_the_resources_priority_class_else_their_pools() -> None:
+    from commoncanvas_operator.settings import NodePool
+
+    settings = Settings(
+        pools={
+            "a100": NodePool(priority_class_name="gpu-batch"),
+            "cpu": NodePool(priority_class_name="cpu-batch"),
+        }
+    )
+    caption = builders.build_stage_job(caption_job(), "units", settings, units=2)["spec"]["template"]["spec"]
+    assert caption["priorityClassName"] == "gpu-batch"
+    plan = builders.build_stage_job(caption_job(), "plan", settings)["spec"]["template"]["spec"]
+    assert plan["priorityClassName"] == "cpu-batch"
+    urgent = caption_job(priorityClassName="urgent")
+    assert (
+        builders.build_stage_job(urgent, "units", settings, units=2)["spec"]["template"]["spec"][
+            "priorityClassName"
+        ]
+        == "urgent"
+    )
+    assert (
+        "priorityClassName"
+        not in builders.build_stage_job(scrape_job(), "units", SETTINGS, units=2)["spec"]["template"]["spec"]
+    )

@@ -262,3 +262,13 @@ def test_kopfs_own_annotations_never_reach_the_pod_template() -> None:
         }
     )
     assert train_job(body)["spec"]["template"]["metadata"]["annotations"] == {"commoncanvas.dev/x": "1"}
+
+
+def test_train_pods_take_the_runs_priority_class_else_their_pools() -> None:
+    from commoncanvas_operator.settings import NodePool
+
+    pooled = Settings(pools={"a100": NodePool(priority_class_name="gpu-batch"), "cpu": NodePool()})
+    assert train_job(settings=pooled)["spec"]["template"]["spec"]["priorityClassName"] == "gpu-batch"
+    body = train_run()
+    body["spec"]["priorityClassName"] = "urgent"
+    assert train_job(body, pooled)["spec"]["template"]["spec"]["priorityClassName"] == "urgent"

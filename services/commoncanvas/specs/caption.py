@@ -91,6 +91,12 @@ class CaptionJobSpec(KubeModel):
         description="Pause (on a cluster): the worker pods stop, their units are released and taken "
         "over on resume; nothing is lost",
     )
+    priority_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="PriorityClass of the worker pods (on a cluster); default: the node pool's "
+        "(chart nodePools.<pool>.priorityClassName)",
+    )
     gpus_per_pod: int = Field(1, ge=0, le=16, description="GPUs per worker pod: one captioner per GPU")
     node_pool: str = Field(DEFAULT_NODE_POOL, description="Node pool from the chart's values to run on")
 

@@ -125,6 +125,12 @@ class ScrapeJobSpec(KubeModel):
         description="Pause (on a cluster): the worker pods stop, their units are released and taken "
         "over on resume; nothing is lost",
     )
+    priority_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="PriorityClass of the worker pods (on a cluster); default: the node pool's "
+        "(chart nodePools.<pool>.priorityClassName)",
+    )
 
 
 class ScrapeJobStatus(CommonStatus):
