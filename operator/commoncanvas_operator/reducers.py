@@ -493,7 +493,15 @@ def drift_condition(drifted: list[str]) -> Obj:
 
 # --- TrainRun ------------------------------------------------------------------------------------
 
-TRAIN_STATUS_FIELDS = ("step", "imagesSeen", "loss", "lastCheckpoint", "imagesPerSecond", "progress")
+TRAIN_STATUS_FIELDS = (
+    "step",
+    "imagesSeen",
+    "loss",
+    "lastCheckpoint",
+    "imagesPerSecond",
+    "progress",
+    "skippedSteps",
+)
 
 
 @dataclass(frozen=True)

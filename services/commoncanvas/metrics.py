@@ -82,6 +82,11 @@ TRAIN_LAST_CHECKPOINT = Gauge(
     "Unix time at which the newest checkpoint was published (its `latest` pointer written)",
     registry=None,
 )
+TRAIN_SKIPPED_STEPS = Counter(
+    "commoncanvas_train_skipped_steps_total",
+    "Optimizer steps skipped because the loss or a gradient was NaN or infinite (on any rank)",
+    registry=None,
+)
 TRAINING = (
     TRAIN_STEP,
     TRAIN_IMAGES_SEEN,
@@ -91,6 +96,7 @@ TRAINING = (
     TRAIN_RESTARTS,
     TRAIN_MFU,
     TRAIN_LAST_CHECKPOINT,
+    TRAIN_SKIPPED_STEPS,
 )
 
 

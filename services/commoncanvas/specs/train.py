@@ -94,6 +94,18 @@ class Schedule(KubeModel):
     max_steps: int = Field(100_000, ge=1)
     max_duration_seconds: int = Field(0, ge=0, description="Stop after this wall time too (0 = no limit)")
     seed: int = 17
+    gradient_clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Clip the gradients' global L2 norm to this before each optimizer step (none = off)",
+    )
+    max_consecutive_skipped_steps: int = Field(
+        20,
+        ge=1,
+        le=100_000,
+        description="Fail the run after this many optimizer steps in a row skipped for a non-finite "
+        "loss or gradient",
+    )
 
 
 class Distributed(KubeModel):
@@ -143,6 +155,12 @@ class TrainRunSpec(KubeModel):
     distributed: Distributed = Field(default_factory=lambda: Distributed())
     samples: SampleSpec = Field(default_factory=lambda: SampleSpec())
     suspend: bool = Field(False, description="Pause (on a cluster); resumes from the newest checkpoint")
+    priority_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="PriorityClass of the training and latents pods (on a cluster); default: the node "
+        "pool's (chart nodePools.<pool>.priorityClassName)",
+    )
 
 
 class TrainRunStatus(CommonStatus):
@@ -152,6 +170,9 @@ class TrainRunStatus(CommonStatus):
     restarts: int = 0
     images_per_second: float = 0
     loss: float = 0
+    skipped_steps: int = Field(
+        0, description="Optimizer steps skipped for a non-finite loss or gradient since the process started"
+    )
     outputs: dict[str, str] = Field(default_factory=dict)
 
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from commoncanvas.runner import References
     from commoncanvas.storage import StorageError
     from commoncanvas.train.datacard import LicenseViolation
-    from commoncanvas.train.loop import TERMINATED_EXIT_CODE, run_training
+    from commoncanvas.train.loop import TERMINATED_EXIT_CODE, TrainingDiverged, run_training
 
     try:
         resources = load_resources(args.file, KINDS)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             "CaptionJob", f"TrainRun {run.metadata.name!r}", caption_outputs(resources, args.caption_job)
         )
         summary = run_training(run, resolve)
-    except (SpecError, InputMissing, StorageError, LicenseViolation, LookupError) as exc:
+    except (SpecError, InputMissing, StorageError, LicenseViolation, LookupError, TrainingDiverged) as exc:
         logging.getLogger("commoncanvas.train").error("%s", exc)
         return 1
     if rank == "0":

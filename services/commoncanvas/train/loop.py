@@ -146,52 +146,75 @@ def train(
     batches = epochs_of(loader, dataset)
     session_start, seconds_before = time.perf_counter(), progress.train_seconds
     stop = "max-steps" if progress.step >= schedule.max_steps else ""
+    consecutive_skips, saved_step = 0, progress.step  # the step of the checkpoint resumed from (or 0)
     with StopOnSigterm() as sigterm:
         while not stop:
             step_start = time.perf_counter()
             step_loss = torch.zeros((), device=world.device)
+            step_records: list[dict[str, Any]] = []
             for micro in range(accumulation):
                 epoch, batch = next(batches)
+                # The frozen encoders run in fp32 outside autocast, as the LATENTS phase does: only the
+                # UNet's forward is mixed precision.
+                latents, text_hidden = encode(parts, batch, world.device)
                 with gradient_sync(train_unet, enabled=micro == accumulation - 1):
                     with torch.autocast(world.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        latents, text_hidden = encode(parts, batch, world.device)
                         noise = torch.randn_like(latents)
                         timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=world.device)
                         loss = prediction_loss(forward_unet, parts, latents, text_hidden, noise, timesteps)
                     grad_scaler.scale(loss / accumulation).backward()
                 step_loss += loss.detach() / accumulation
-                seen += [
+                step_records += [
                     {**r, "epoch": epoch, "step": progress.step + 1, "rank": world.rank}
                     for r in batch["records"]
                 ]
             learning_rate = float(optimizer.param_groups[0]["lr"])
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
-            progress.step += 1
-            progress.epoch = epoch
-            progress.images_seen += images_per_step
-            if ema is not None and ema_updates_at(progress.step, opts.ema):
-                ema.step(unet.parameters())
+            grad_norm = clip_gradients(unet, optimizer, grad_scaler, schedule.gradient_clip_norm)
 
-            # One collective a step: the mean loss, and whether any rank must stop (time or SIGTERM).
+            # One collective a step: the mean loss, the gradient norm, whether any rank saw a non-finite
+            # loss or gradient (then every rank skips the update), and whether any rank must stop.
             progress.train_seconds = seconds_before + time.perf_counter() - session_start
             out_of_time = bool(schedule.max_duration_seconds) and (
                 progress.train_seconds >= schedule.max_duration_seconds
             )
-            flags = torch.tensor(
-                [step_loss.item(), float(out_of_time), float(sigterm.received)], device=world.device
-            )
-            totals = sum_over_ranks(world, flags).tolist()
-            stop = stop_reason(
-                progress.step, schedule.max_steps, out_of_time=totals[1] > 0, sigterm=totals[2] > 0
-            )
-            report.stepped(progress, totals[0] / world.size, learning_rate, step_start, images_per_step)
+            check = check_step(world, step_loss, grad_norm, out_of_time=out_of_time, sigterm=sigterm.received)
+            if check.skip:
+                # No update, no EMA, no LR step, no step counted; the batch is dropped (not recorded as
+                # trained on).  Under fp16 the loss scale backs off, as it does for an overflow.
+                optimizer.zero_grad(set_to_none=True)
+                grad_scaler.update()
+                consecutive_skips += 1
+                report.skipped(progress, check, consecutive_skips)
+                if consecutive_skips >= schedule.max_consecutive_skipped_steps:
+                    message = diverged_message(progress.step + 1, consecutive_skips)
+                    report.finished(progress, Phase.FAILED, {}, message)
+                    raise TrainingDiverged(message)
+            else:
+                consecutive_skips = 0
+                grad_scaler.step(optimizer)
+                grad_scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                lr_scheduler.step()
+                progress.step += 1
+                progress.epoch = epoch
+                progress.images_seen += images_per_step
+                seen += step_records
+                if ema is not None and ema_updates_at(progress.step, opts.ema):
+                    ema.step(unet.parameters())
+                report.stepped(
+                    progress, check.loss, learning_rate, step_start, images_per_step, check.grad_norm
+                )
+                if progress.step % spec.samples.interval_steps == 0:
+                    write_samples(parts, unet, spec, progress.step, output, world, amp_dtype)
 
-            if progress.step % spec.samples.interval_steps == 0:
-                write_samples(parts, unet, spec, progress.step, output, world, amp_dtype)
-            if stop or progress.step % spec.checkpoint.interval_steps == 0:
+            stop = stop_reason(
+                progress.step, schedule.max_steps, out_of_time=check.out_of_time, sigterm=check.sigterm
+            )
+            # A step is checkpointed once (after skips it may be the one saved last, or 0).
+            due = stop or progress.step % spec.checkpoint.interval_steps == 0
+            if due and progress.step != saved_step:
+                saved_step = progress.step
+                progress.train_seconds = seconds_before + time.perf_counter() - session_start
                 checkpoints.save(trainable, progress, seen, world)
                 seen = []
                 report.checkpointed(progress)
@@ -228,6 +251,79 @@ def stop_reason(step: int, max_steps: int, *, out_of_time: bool, sigterm: bool) 
     if out_of_time:
         return "max-duration"
     return "terminated" if sigterm else ""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient: the run fails (its weights,
+    never updated from those steps, are still finite)."""
+
+
+def diverged_message(step: int, skips: int) -> str:
+    return (
+        f"step {step}: the loss or gradients were NaN or infinite for {skips} optimizer steps in a row "
+        f"(schedule.maxConsecutiveSkippedSteps = {skips}); lower schedule.learningRate, set "
+        "schedule.gradientClipNorm, or resume from an earlier checkpoint"
+    )
+
+
+def clip_gradients(
+    unet: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_scaler: torch.amp.GradScaler,
+    max_norm: float | None,
+) -> torch.Tensor:
+    """The global L2 norm of the unscaled gradients (before clipping), clipping them to `max_norm` if set.
+
+    Unscales first (fp16's GradScaler; a no-op otherwise), so the norm and the clip are in the gradients'
+    true units and `grad_scaler.step` does not unscale again.  The gradients are the accumulated,
+    all-reduced ones (DDP), or FSDP2's sharded DTensors: the norm is then reduced over the shards, so it is
+    the whole model's on every rank.  (A non-finite norm makes the clipped gradients non-finite too: the
+    step is skipped and they are zeroed.)"""
+    grad_scaler.unscale_(optimizer)
+    params = [p for p in unet.parameters() if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]  # (the same list, typed for mypy)
+    if not grads:
+        return torch.zeros((), device=next(unet.parameters()).device)
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    full_tensor = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
+    return full_tensor() if callable(full_tensor) else norm
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """One step's numbers, agreed by every rank (one all-reduce)."""
+
+    loss: float  # mean over ranks (NaN if any rank's was)
+    grad_norm: float  # the unscaled gradients' global norm, before clipping
+    skip: bool  # a rank saw a non-finite loss or gradient: no rank updates
+    out_of_time: bool
+    sigterm: bool
+
+
+def check_step(
+    world: World, step_loss: torch.Tensor, grad_norm: torch.Tensor, *, out_of_time: bool, sigterm: bool
+) -> StepCheck:
+    loss, norm = step_loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())
+    not_finite = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    flags = torch.stack(
+        [
+            loss,
+            norm.to(loss.device),
+            not_finite.float().to(loss.device),
+            torch.tensor(float(out_of_time), device=loss.device),
+            torch.tensor(float(sigterm), device=loss.device),
+        ]
+    ).to(world.device)
+    totals = sum_over_ranks(world, flags).tolist()
+    return StepCheck(
+        loss=totals[0] / world.size,
+        grad_norm=totals[1] / world.size,
+        skip=totals[2] > 0,
+        out_of_time=totals[3] > 0,
+        sigterm=totals[4] > 0,
+    )
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -273,13 +369,18 @@ def training_dataset(
 def encode(
     parts: ModelParts, batch: dict[str, Any], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, text states) in fp32, from the batch's pixels and token ids or its precomputed latents."""
+    """(latents, text states) in fp32, from the batch's pixels and token ids or its precomputed latents.
+    The encoders run in fp32 even when called under autocast, as the LATENTS phase runs them: bf16
+    would shift the latents by about 2% and on-the-fly training would see other x0 than precomputed."""
     if "latents" in batch:
         return batch["latents"].to(device, torch.float32), batch["text_hidden"].to(device, torch.float32)
     # The LATENTS phase's encoding (scaled latent means), so both paths train on the same latents; the
     # captions were tokenized in the loader's workers with encode_captions' arguments.
-    latents = encode_images(parts.vae, batch["pixels"].to(device, non_blocking=True))
-    text_hidden = parts.text_encoder(batch["input_ids"].to(device, non_blocking=True), return_dict=False)[0]
+    with torch.autocast(device.type, enabled=False):
+        latents = encode_images(parts.vae, batch["pixels"].to(device, non_blocking=True))
+        text_hidden = parts.text_encoder(batch["input_ids"].to(device, non_blocking=True), return_dict=False)[
+            0
+        ]
     # Noise is added in fp32: in bf16 the small noise levels of early timesteps would round away.
     return latents.float(), text_hidden.float()
 
@@ -446,7 +547,13 @@ class Reporter:
         self._write(progress, Phase.RUNNING, how)
 
     def stepped(
-        self, progress: Progress, loss: float, lr: float, step_start: float, images_per_step: int
+        self,
+        progress: Progress,
+        loss: float,
+        lr: float,
+        step_start: float,
+        images_per_step: int,
+        grad_norm: float = 0.0,
     ) -> None:
         seconds = time.perf_counter() - step_start
         images_per_second = images_per_step / seconds if seconds else 0.0
@@ -470,16 +577,35 @@ class Reporter:
         if progress.step == 1 or now - self.last_logged >= 10:
             self.last_logged = now
             log.info(
-                "step %d/%d  loss %.4f  lr %.3g  %.1f images/s  %.2fs/step",
+                "step %d/%d  loss %.4f  grad norm %.3g  lr %.3g  %.1f images/s  %.2fs/step",
                 progress.step,
                 self.spec.schedule.max_steps,
                 loss,
+                grad_norm,
                 lr,
                 images_per_second,
                 seconds,
             )
         if now - self.last_written >= 30:
             self._write(progress, Phase.RUNNING, "")
+
+    def skipped(self, progress: Progress, check: StepCheck, consecutive: int) -> None:
+        """A step whose update was skipped (every rank skips it); counted, logged, in status.json."""
+        self.status.skipped_steps += 1
+        if not self.world.is_main:
+            return
+        metrics.TRAIN_SKIPPED_STEPS.inc()
+        log.warning(
+            "step %d: skipped the optimizer step, loss %s, gradient norm %s (%d in a row, %d skipped; "
+            "the run fails at schedule.maxConsecutiveSkippedSteps = %d)",
+            progress.step + 1,
+            check.loss,
+            check.grad_norm,
+            consecutive,
+            self.status.skipped_steps,
+            self.spec.schedule.max_consecutive_skipped_steps,
+        )
+        self._write(progress, Phase.RUNNING, "")
 
     def checkpointed(self, progress: Progress) -> None:
         self.status.last_checkpoint = progress.last_checkpoint
