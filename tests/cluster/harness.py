@@ -48,6 +48,9 @@ STATE_FILE = "cluster.json"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
 KUEUE_PORTS = ("kueue-health", "kueue-metrics", "kueue-webhook")
 KUEUE_NAMESPACE = "kueue-system"
+# Kueue manages Jobs only in namespaces carrying this label (the Kueue tests set it on theirs), so the
+# other tests' queue-labelled Jobs (Kueue's part played by hand) are left alone.
+KUEUE_MANAGED_LABEL = "commoncanvas.dev/kueue-managed"
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,8 @@ class LocalCluster:
 
     def _start_kueue(self) -> None:
         """Kueue's controller manager with its CRDs (from the same build, cluster-tools), managing the
-        batch/v1 Jobs that carry a ``kueue.x-k8s.io/queue-name`` label; nothing else is touched. Its
+        batch/v1 Jobs that carry a ``kueue.x-k8s.io/queue-name`` label in namespaces labelled
+        ``KUEUE_MANAGED_LABEL``; nothing else is touched. Its
         webhooks are served but not registered (no Service to reach them): the operator creates queued
         Jobs suspended itself, as Kueue's Job webhook would make them."""
         assert self._ca is not None
@@ -335,6 +339,7 @@ class LocalCluster:
                     "leaderElection": {"leaderElect": False},
                     "internalCertManagement": {"enable": False},
                     "integrations": {"frameworks": ["batch/job"]},
+                    "managedJobsNamespaceSelector": {"matchLabels": {KUEUE_MANAGED_LABEL: "true"}},
                 }
             )
         )
@@ -345,7 +350,7 @@ class LocalCluster:
                 f"--config={config}",
                 f"--kubeconfig={kubeconfig}",
                 # The on-demand visibility API needs an APIService registration; not used here.
-                "--feature-gates=VisibilityOnDemand=false",
+                "--feature-gates=VisibilityOnDemand=false,ManagedJobsNamespaceSelectorAlwaysRespected=true",
             ],
             env={**os.environ, "KUEUE_METRICS_CERT_DIR": str(certs)},
         )

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.cluster.harness import LocalCluster
+from tests.cluster.harness import KUEUE_MANAGED_LABEL, LocalCluster
 from tests.cluster.kubeapi import Obj
 from tests.cluster.kwok_stages import RUN_DURATION_ANNOTATION
 from tests.cluster.minio import MinioServer
@@ -25,6 +25,9 @@ PRIORITY = "kueue.x-k8s.io/priority-class"
 def gpu_queue(cluster: LocalCluster, namespace: str) -> Iterator[str]:
     """A ClusterQueue of 16 A100 GPUs (preempting lower priorities) and a LocalQueue in the namespace."""
     flavor, queue = f"a100-{namespace}", f"gpus-{namespace}"
+    cluster.api.patch(
+        f"/api/v1/namespaces/{namespace}", {"metadata": {"labels": {KUEUE_MANAGED_LABEL: "true"}}}
+    )
     cluster.apply(
         [
             {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": flavor}},
