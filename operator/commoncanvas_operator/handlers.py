@@ -376,16 +376,10 @@ def _register(plural: str) -> None:
                 raise kopf.TemporaryError(f"API server: {error}", delay=5) from None
             # A request the API server refuses (400, 403, 422 ...) is refused again next time: say
             # so on the resource, once per pass, instead of retrying in a storm.
-            patch.status["conditions"] = reducers.merge_conditions(
-                (body.get("status") or {}).get("conditions") or [],
-                [
-                    *(
-                        c
-                        for c in (body.get("status") or {}).get("conditions") or []
-                        if c["type"] != "ApplyRefused"
-                    ),
-                    reducers.apply_refused_condition(error.status, str(error)),
-                ],
+            conditions = (body.get("status") or {}).get("conditions") or []
+            patch.status["conditions"] = reducers.merge_conditions(  # one per type: the new one wins
+                conditions,
+                [*conditions, reducers.apply_refused_condition(error.status, str(error))],
                 now(),
                 int(body["metadata"].get("generation") or 0),
             )

@@ -154,11 +154,17 @@ def remove_losers(storage: Storage, split: str, markers: dict[int, dict[str, Any
     return sum(storage.delete_prefix(prefix) for prefix in sorted(doomed))
 
 
-def summarize(layout: StageLayout, unit_splits: dict[int, str], splits: Iterable[str] = ()) -> dict[str, Any]:
-    """Once every planned unit has its marker: merge each split's index and add up the markers.
-    Every split in `splits` gets an index, an empty one where no unit holds it: a split with no sample
-    (a ScrapeJob allowing only commercial licenses) is an empty dataset, not a missing one."""
-    markers = read_markers(layout.output)
+def summarize(
+    layout: StageLayout,
+    unit_splits: dict[int, str],
+    splits: Iterable[str] = (),
+    markers: dict[int, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Once every planned unit has its marker: merge each split's index and add up the markers (read
+    here unless the caller has them). Every split in `splits` gets an index, an empty one where no unit
+    holds it: a split with no sample (a ScrapeJob allowing only commercial licenses) is an empty
+    dataset, not a missing one."""
+    markers = read_markers(layout.output) if markers is None else markers
     missing = sorted(set(unit_splits) - set(markers))
     if missing:
         raise RuntimeError(f"{len(missing)} units have no marker yet (first: {missing[:5]}); rerun to finish")

@@ -185,7 +185,10 @@ class CaptionStage:
         """The catalog's duplicates (scrape.dedup), read once per catalog root."""
         root = split_root.rstrip("/").rsplit("/", 1)[0]
         if root not in self._duplicates:
-            self._duplicates[root] = read_duplicates(open_storage(root))
+            found = read_duplicates(open_storage(root))
+            # As sets, once: every unit's DataLoader looks its samples up in them.
+            found["dropped"] = {split: frozenset(ids) for split, ids in found["dropped"].items()}
+            self._duplicates[root] = found
         return self._duplicates[root]
 
     def model(self) -> Captioner:

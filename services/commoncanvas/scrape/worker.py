@@ -236,7 +236,9 @@ def run_attempt(spec: ScrapeJobSpec, layout: StageLayout, unit_info: dict[str, A
     }
 
 
-def pending_retries(layout: StageLayout, planned: list[dict[str, Any]]) -> dict[int, dict[int, str]]:
+def pending_retries(
+    layout: StageLayout, planned: list[dict[str, Any]], markers: dict[int, dict[str, Any]]
+) -> dict[int, dict[int, str]]:
     """Samples whose latest fetch failed transiently: {unit that reported them: {plan line: outcome}}.
     A line is pending until a later (retry) unit holds it; each metadata line is planned once, so a
     line names one sample."""
@@ -246,7 +248,7 @@ def pending_retries(layout: StageLayout, planned: list[dict[str, Any]]) -> dict[
             for sample in read_unit_plan(layout.plan, int(info["unit"])):
                 retried_in[sample.line] = int(info["unit"])
     pending: dict[int, dict[int, str]] = {}
-    for unit, marker in units.read_markers(layout.output).items():
+    for unit, marker in markers.items():
         for line, outcome in marker.get("retryable", ()):
             if retried_in.get(line, unit) <= unit:
                 pending.setdefault(unit, {})[int(line)] = str(outcome)
@@ -262,7 +264,8 @@ def plan_retries(spec: ScrapeJobSpec, layout: StageLayout) -> int:
     if any(int(info["unit"]) not in done for info in planned):
         return 0  # an unfinished run: its own units first (a retry is for what finished transiently)
     by_split: dict[str, list[PlannedSample]] = {}
-    for unit, lines in sorted(pending_retries(layout, planned).items()):
+    markers = units.read_markers(layout.output)
+    for unit, lines in sorted(pending_retries(layout, planned, markers).items()):
         for sample in read_unit_plan(layout.plan, unit):
             if sample.line in lines:
                 by_split.setdefault(sample.split, []).append(sample)
@@ -293,12 +296,14 @@ def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
     """Once every unit has its marker: merge each split's index and write the job summary."""
     layout = layout_of(spec)
     plan = ensure_plan(spec, layout)
-    merged = units.summarize(layout, {u["unit"]: u["split"] for u in read_units(layout.plan)}, SPLITS)
+    planned = read_units(layout.plan)
+    markers = units.read_markers(layout.output)  # read once: ~7k objects at paper scale
+    merged = units.summarize(layout, {u["unit"]: u["split"] for u in planned}, SPLITS, markers)
     failed = merged.pop("failed")
     failed.pop(RETRYABLE, None)  # counted below, by what is still to fetch (a retry unit may have it)
     excluded = Counter(plan["excluded"])
     excluded.update({f"fetch:{outcome}": n for outcome, n in failed.items()})
-    duplicates = dedup.find_duplicates(layout.output, units.read_markers(layout.output))
+    duplicates = dedup.find_duplicates(layout.output, markers)
     layout.output.write_text(dedup.DUPLICATES, json.dumps(duplicates))
     for split, photo_ids in duplicates["dropped"].items():
         merged["samples"][split] -= len(photo_ids)
@@ -307,9 +312,7 @@ def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
     licenses.subtract(c["license_code"] for copies in duplicates["credits"].values() for c in copies)
     merged["licenses"] = {code: n for code, n in sorted(licenses.items()) if n}
     transient = Counter(
-        outcome
-        for lines in pending_retries(layout, read_units(layout.plan)).values()
-        for outcome in lines.values()
+        outcome for lines in pending_retries(layout, planned, markers).values() for outcome in lines.values()
     )
     result = {
         **merged,

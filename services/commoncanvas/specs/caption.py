@@ -6,7 +6,14 @@ from typing import Literal, cast
 
 from pydantic import ConfigDict, Field, model_validator
 
-from commoncanvas.specs.common import DEFAULT_NODE_POOL, CommonStatus, KubeModel, ObjectMeta
+from commoncanvas.specs.common import (
+    DEFAULT_NODE_POOL,
+    CommonStatus,
+    KubeModel,
+    ObjectMeta,
+    PriorityClassName,
+    StageSuspend,
+)
 
 SplitName = Literal["commercial", "noncommercial"]
 # 70M images / 8,192 = ~8.5k units: a few minutes each at the ~100 images/s a BLIP-2 GPU worker aims
@@ -86,17 +93,8 @@ class CaptionJobSpec(KubeModel):
         description="Images per work unit (whole input shards, at least this many): the unit of resume",
     )
     parallelism: int = Field(1, ge=1, le=10_000, description="Worker pods (not units); changes in place")
-    suspend: bool = Field(
-        False,
-        description="Pause (on a cluster): the worker pods stop, their units are released and taken "
-        "over on resume; nothing is lost",
-    )
-    priority_class_name: str | None = Field(
-        None,
-        max_length=253,
-        description="PriorityClass of the worker pods (on a cluster); default: the node pool's "
-        "(chart nodePools.<pool>.priorityClassName)",
-    )
+    suspend: StageSuspend = False
+    priority_class_name: PriorityClassName = None
     gpus_per_pod: int = Field(1, ge=0, le=16, description="GPUs per worker pod: one captioner per GPU")
     node_pool: str = Field(DEFAULT_NODE_POOL, description="Node pool from the chart's values to run on")
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,6 +20,22 @@ API_VERSION = f"{GROUP}/{VERSION}"
 PLURALS = {"ScrapeJob": "scrapejobs", "CaptionJob": "captionjobs", "TrainRun": "trainruns"}
 # The node pool GPU work runs on unless a spec names another (the chart defines it).
 DEFAULT_NODE_POOL = "a100"
+# Fields every kind has on a cluster, described once.
+StageSuspend = Annotated[
+    bool,
+    Field(
+        description="Pause (on a cluster): the worker pods stop, their units are released and taken "
+        "over on resume; nothing is lost"
+    ),
+]
+PriorityClassName = Annotated[
+    str | None,
+    Field(
+        max_length=253,
+        description="PriorityClass of the resource's pods (on a cluster); default: the node pool's "
+        "(chart nodePools.<pool>.priorityClassName)",
+    ),
+]
 
 
 class KubeModel(BaseModel):

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, cast, get_args
 from pydantic import Field, StringConstraints
 
 from commoncanvas.licenses import DEFAULT_ALLOWED
-from commoncanvas.specs.common import CommonStatus, KubeModel, ObjectMeta
+from commoncanvas.specs.common import CommonStatus, KubeModel, ObjectMeta, PriorityClassName, StageSuspend
 
 # Only licenses that allow derivatives can be named: a NoDerivs or ARR code is rejected by the schema.
 AllowedLicense = Literal[
@@ -120,17 +120,8 @@ class ScrapeJobSpec(KubeModel):
     # 100M rows (~70M planned) / 10,000 = ~7k units of about a minute each at ~200 images/s a worker.
     unit_size: int = Field(10_000, ge=1, le=1_000_000, description="Planned samples per work unit")
     parallelism: int = Field(4, ge=1, le=10_000, description="Worker pods (not units); changes in place")
-    suspend: bool = Field(
-        False,
-        description="Pause (on a cluster): the worker pods stop, their units are released and taken "
-        "over on resume; nothing is lost",
-    )
-    priority_class_name: str | None = Field(
-        None,
-        max_length=253,
-        description="PriorityClass of the worker pods (on a cluster); default: the node pool's "
-        "(chart nodePools.<pool>.priorityClassName)",
-    )
+    suspend: StageSuspend = False
+    priority_class_name: PriorityClassName = None
 
 
 class ScrapeJobStatus(CommonStatus):

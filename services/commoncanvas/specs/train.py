@@ -7,7 +7,13 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from commoncanvas.specs.caption import CAPTION_SAMPLES_PER_UNIT
-from commoncanvas.specs.common import DEFAULT_NODE_POOL, CommonStatus, KubeModel, ObjectMeta
+from commoncanvas.specs.common import (
+    DEFAULT_NODE_POOL,
+    CommonStatus,
+    KubeModel,
+    ObjectMeta,
+    PriorityClassName,
+)
 
 SplitName = Literal["commercial", "noncommercial"]
 
@@ -155,12 +161,7 @@ class TrainRunSpec(KubeModel):
     distributed: Distributed = Field(default_factory=lambda: Distributed())
     samples: SampleSpec = Field(default_factory=lambda: SampleSpec())
     suspend: bool = Field(False, description="Pause (on a cluster); resumes from the newest checkpoint")
-    priority_class_name: str | None = Field(
-        None,
-        max_length=253,
-        description="PriorityClass of the training and latents pods (on a cluster); default: the node "
-        "pool's (chart nodePools.<pool>.priorityClassName)",
-    )
+    priority_class_name: PriorityClassName = None
 
 
 class TrainRunStatus(CommonStatus):
