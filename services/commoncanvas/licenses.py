@@ -16,6 +16,23 @@ from urllib.parse import urlsplit
 class Split(StrEnum):
     COMMERCIAL = "commercial"
     NONCOMMERCIAL = "noncommercial"
+    # NoDerivs photos, kept apart for evaluation only (prompts and reference images, never trained on).
+    EVALUATION = "evaluation"
+
+
+TRAINING_SPLITS: tuple[str, ...] = (Split.COMMERCIAL.value, Split.NONCOMMERCIAL.value)
+
+
+def evaluation_root_problem(uri: str) -> str:
+    """Why a dataset root `uri` must not be trained on or read as a dataset root ('' when none): it is
+    the NoDerivs evaluation split itself."""
+    if uri.rstrip("/").rsplit("/", 1)[-1] != Split.EVALUATION:
+        return ""
+    return (
+        f"{uri} is an evaluation split: its NoDerivs photos are for evaluation only (EvalRun reads its "
+        "captions as prompts), never trained on; give the stage's output root and train on commercial "
+        "or noncommercial"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,17 +154,23 @@ LICENSES: tuple[License, ...] = (
 BY_CODE: dict[str, License] = {lic.code: lic for lic in LICENSES}
 
 
-def restrictiveness(code: str) -> tuple[bool, bool, bool]:
-    """Orders licenses by what they forbid or demand: non-commercial first, then share-alike, then
-    attribution. Of copies of one image, the most restrictive license is the one that may stand."""
+def restrictiveness(code: str) -> tuple[bool, bool, bool, bool]:
+    """Orders licenses by what they forbid or demand: no-derivatives first, then non-commercial, then
+    share-alike, then attribution. Of copies of one image, the most restrictive license is the one that
+    may stand (so an image that is also NoDerivs somewhere is evaluated on, never trained on)."""
     lic = BY_CODE[code]
-    return (not lic.commercial, lic.share_alike, lic.attribution)
+    return (not lic.derivatives, not lic.commercial, lic.share_alike, lic.attribution)
 
 
 BY_FLICKR_ID: dict[int, License] = {lic.flickr_id: lic for lic in LICENSES}
 LICENSE_CODES: tuple[str, ...] = tuple(BY_CODE)
 # The default policy: everything that allows derivatives (drops every NoDerivs license and ARR).
 DEFAULT_ALLOWED: tuple[str, ...] = tuple(lic.code for lic in LICENSES if lic.derivatives)
+# The evaluation split's licenses: Creative Commons NoDerivs (cc-by-nd, cc-by-nc-nd) allow sharing a
+# verbatim copy with credit, which is all evaluation does; All Rights Reserved allows nothing.
+EVALUATION_LICENSES: tuple[str, ...] = tuple(
+    lic.code for lic in LICENSES if lic.code.startswith("cc-") and not lic.derivatives
+)
 
 _CC_ELEMENTS = {"by", "nc", "nd", "sa"}
 _WORD_TO_ELEMENT = {
@@ -255,17 +278,21 @@ def resolve_license(name: str, url: str) -> License | str:
 @dataclass(frozen=True, slots=True)
 class LicensePolicy:
     allowed: frozenset[str] = frozenset(DEFAULT_ALLOWED)
+    # NoDerivs photos go to the evaluation split instead of being excluded (never to C or NC).
+    evaluation: bool = False
 
     def decide(self, name: str, url: str) -> LicenseDecision:
-        return _decide(self.allowed, name, url)
+        return _decide(self.allowed, self.evaluation, name, url)
 
 
 # A metadata file states a few dozen (name, URL) pairs over millions of rows: decide each pair once.
 @lru_cache(maxsize=4096)
-def _decide(allowed: frozenset[str], name: str, url: str) -> LicenseDecision:
+def _decide(allowed: frozenset[str], evaluation: bool, name: str, url: str) -> LicenseDecision:
     found = resolve_license(name, url)
     if isinstance(found, str):
         return LicenseDecision(None, None, found)
+    if evaluation and found.code in EVALUATION_LICENSES:
+        return LicenseDecision(found, Split.EVALUATION, None)
     if found.code not in allowed:
         return LicenseDecision(found, None, f"license-not-allowed:{found.code}")
     split = Split.COMMERCIAL if found.commercial else Split.NONCOMMERCIAL

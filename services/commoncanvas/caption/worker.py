@@ -3,6 +3,7 @@ write the joined MDS (original bytes + every catalog column + caption), then the
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,13 @@ import torch
 
 from commoncanvas import metrics
 from commoncanvas.caption.text import caption_problem, clean_caption
-from commoncanvas.caption.unitplan import CaptionLayout, ensure_caption_plan, read_caption_units
+from commoncanvas.caption.unitplan import (
+    UNIT_EVALUATION_CAPTIONS,
+    CaptionLayout,
+    ensure_caption_plan,
+    read_caption_units,
+)
+from commoncanvas.licenses import Split
 from commoncanvas.scrape.dedup import CREDITS_COLUMN, read_duplicates
 from commoncanvas.specs.caption import CaptionJobSpec
 from commoncanvas.storage import open_storage
@@ -30,6 +37,31 @@ CAPTION_COLUMNS = {
     # Authors of identical copies the catalog dropped for this one (scrape.dedup): credited too.
     CREDITS_COLUMN: "json",
 }
+
+
+def output_columns(split: str, catalog_columns: dict[str, str]) -> dict[str, str]:
+    """The captioned MDS columns of a split: the catalog's and the caption's. The NoDerivs evaluation
+    split carries no image bytes: its photos are prompts and references, never a training input."""
+    columns = {**catalog_columns, **CAPTION_COLUMNS}
+    if split == Split.EVALUATION:
+        columns.pop("image", None)
+    return columns
+
+
+def evaluation_caption_line(row: dict[str, Any]) -> str:
+    """One photo of the evaluation split: its caption and attribution (the attribution manifest's
+    fields, named for a reader of prompts), one JSON line."""
+    entry: dict[str, Any] = {
+        "id": int(row["photo_id"]),
+        "caption": row["caption"],
+        "license": row["license_code"],
+        "license_url": row["license_url"],
+        "author": row["author"],
+        "source_url": row["page_url"],
+    }
+    if row.get(CREDITS_COLUMN):  # identical copies by other authors (scrape.dedup): credited too
+        entry[CREDITS_COLUMN] = row[CREDITS_COLUMN]
+    return json.dumps(entry, ensure_ascii=False) + "\n"
 
 
 def center_square(image: Any, size: int) -> Any:
@@ -201,8 +233,10 @@ class CaptionStage:
         spec, unit = self.spec, self.planned[unit_index]
         captioner = self.model()
         backoffs_before = captioner.oom_backoffs
+        columns = output_columns(unit.split, unit.columns)
+        evaluation_lines: list[str] = []
         with unit_work(STAGE, self.output, unit, attempt) as work:
-            work.open_writer({**unit.columns, **CAPTION_COLUMNS})
+            work.open_writer(columns)
             to_pixels = partial(
                 caption_pixels, image_processor=captioner.processor.image_processor, size=spec.image_size
             )
@@ -224,7 +258,7 @@ class CaptionStage:
                     work.record(sample, problem)
                     if problem:
                         continue
-                    row = {name: sample[name] for name in unit.columns}
+                    row = {name: sample[name] for name in unit.columns if name in columns}
                     row.update(
                         caption=caption,
                         caption_model=captioner.model_id,
@@ -233,8 +267,14 @@ class CaptionStage:
                     )
                     row[CREDITS_COLUMN] = duplicates["credits"].get(str(sample["photo_id"]), [])
                     work.write(row)
+                    if unit.split == Split.EVALUATION:
+                        evaluation_lines.append(evaluation_caption_line(row))
                 if on_cuda:
                     metrics.GPU_MEMORY_BYTES.labels(STAGE).set(torch.cuda.max_memory_allocated())
+            if evaluation_lines:  # uploaded with the attempt's shards, published by its marker
+                (work.staging / UNIT_EVALUATION_CAPTIONS).write_text(
+                    "".join(evaluation_lines), encoding="utf-8"
+                )
         return work.finish(
             oom_backoffs=captioner.oom_backoffs - backoffs_before,
             final_micro_batch=captioner.micro_batch,

@@ -25,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from commoncanvas.licenses import LicensePolicy, Split, normalized_license_url
+from commoncanvas.licenses import TRAINING_SPLITS, LicensePolicy, Split, normalized_license_url
 from commoncanvas.metadata import (
     PART_BYTES,
     MalformedRow,
@@ -43,7 +43,8 @@ from commoncanvas.storage import Storage, open_storage
 MALFORMED_REPORTED = 1000  # line numbers kept in the summary; the count is always exact
 PLAN_SUMMARY = "summary.json"
 UNITS_FILE = "units.json"  # the unit list; a rerun appends retry units (scrape.worker.plan_retries)
-SPLITS = (Split.COMMERCIAL.value, Split.NONCOMMERCIAL.value)  # last partial units are written in this order
+# Every split a plan may hold; last partial units are written in this order.
+SPLITS = (Split.COMMERCIAL.value, Split.NONCOMMERCIAL.value, Split.EVALUATION.value)
 _WRITE_BATCH = 1024  # planned lines buffered per temporary file
 _UNIT_WRITERS = 16  # unit files written at once (object stores take one request per unit)
 _LINES_IN_FLIGHT = 256 << 20  # bytes of decompressed parts handed to processes and not yet planned
@@ -168,6 +169,7 @@ def plan_record(record: PhotoRecord, policy: LicensePolicy, fetch: FetchPolicy) 
 class PlanSummary:
     commercial: int = 0
     noncommercial: int = 0
+    evaluation: int = 0
     excluded: Counter[str] = field(default_factory=Counter)
     licenses: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)  # by field: kept, blank where unreadable
@@ -181,6 +183,7 @@ class PlanSummary:
         return {
             "commercial": self.commercial,
             "noncommercial": self.noncommercial,
+            **({"evaluation": self.evaluation} if self.evaluation else {}),  # licenses.evaluationSplit
             "excluded": dict(sorted(self.excluded.items())),
             "licenses": dict(sorted(self.licenses.items())),
             "warnings": dict(sorted(self.warnings.items())),
@@ -192,11 +195,24 @@ class PlanSummary:
         }
 
 
+def license_policy(spec: ScrapeJobSpec) -> LicensePolicy:
+    return LicensePolicy(frozenset(spec.licenses.allow), spec.licenses.evaluation_split)
+
+
+def spec_splits(spec: ScrapeJobSpec) -> tuple[str, ...]:
+    """The splits a ScrapeJob writes (each gets an index, empty or not): C and NC, and the evaluation
+    split when `licenses.evaluationSplit` asks for it."""
+    return SPLITS if spec.licenses.evaluation_split else TRAINING_SPLITS
+
+
 def plan_hash(spec: ScrapeJobSpec) -> str:
     """What the plan depends on; a rerun with a different one must not reuse the plan."""
     relevant = {
         "source": spec.source.model_dump(),
-        "licenses": spec.licenses.model_dump(),
+        # Off, the evaluation switch leaves the hash as it was before it existed: old plans still resume.
+        "licenses": spec.licenses.model_dump(
+            exclude=None if spec.licenses.evaluation_split else {"evaluation_split"}
+        ),
         "fetch_urls": [
             spec.fetch.original_url_template,
             spec.fetch.sized_url_template,
@@ -225,9 +241,8 @@ class PartPlan:
     stats: ReadStats = field(default_factory=ReadStats)
 
 
-def plan_part(part: Part, allowed: frozenset[str], fetch: FetchPolicy, tmp: str, index: int) -> PartPlan:
+def plan_part(part: Part, policy: LicensePolicy, fetch: FetchPolicy, tmp: str, index: int) -> PartPlan:
     """Plan one part into `tmp` (in a pool process, or this one)."""
-    policy = LicensePolicy(allowed)
     result = PartPlan(
         files={split: os.path.join(tmp, f"{index:08d}.{split}") for split in SPLITS},
         positions={split: array("I") for split in SPLITS},
@@ -320,6 +335,8 @@ class _Units:
         self.summary.units.append({"unit": unit, "split": split, "samples": samples})
         if split == Split.COMMERCIAL:
             self.summary.commercial += samples
+        elif split == Split.EVALUATION:
+            self.summary.evaluation += samples
         else:
             self.summary.noncommercial += samples
         self.writes.append(self.writer.submit(self.plan.write_bytes, unit_plan_key(unit), body))
@@ -352,12 +369,12 @@ def _planned_parts(
     """Each part planned, in file order; at most two parts per process in flight (and _LINES_IN_FLIGHT
     of decompressed ones), so memory and temporary files stay bounded. One part, or one process, is
     planned here without a pool."""
-    allowed = frozenset(spec.licenses.allow)
+    policy = license_policy(spec)
     head = list(islice(parts, 2))
     numbered = enumerate(chain(head, parts))
     if processes <= 1 or len(head) < 2:
         for index, part in numbered:
-            yield plan_part(part, allowed, spec.fetch, tmp, index)
+            yield plan_part(part, policy, spec.fetch, tmp, index)
         return
     window = 2 * processes
     if head[0].kind == "lines":  # decompressed parts wait in memory until a process takes them
@@ -367,7 +384,7 @@ def _planned_parts(
         flight: deque[Future[PartPlan]] = deque()
         try:
             for index, part in numbered:
-                flight.append(pool.submit(plan_part, part, allowed, spec.fetch, tmp, index))
+                flight.append(pool.submit(plan_part, part, policy, spec.fetch, tmp, index))
                 if len(flight) >= window:
                     yield flight.popleft().result()
             while flight:

@@ -25,6 +25,7 @@ from commoncanvas.scrape.plan import (
     plan_hash,
     read_unit_plan,
     read_units,
+    spec_splits,
     unit_plan_key,
     write_plan,
 )
@@ -298,7 +299,8 @@ def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
     plan = ensure_plan(spec, layout)
     planned = read_units(layout.plan)
     markers = units.read_markers(layout.output)  # read once: ~7k objects at paper scale
-    merged = units.summarize(layout, {u["unit"]: u["split"] for u in planned}, SPLITS, markers)
+    splits = spec_splits(spec)
+    merged = units.summarize(layout, {u["unit"]: u["split"] for u in planned}, splits, markers)
     failed = merged.pop("failed")
     failed.pop(RETRYABLE, None)  # counted below, by what is still to fetch (a retry unit may have it)
     excluded = Counter(plan["excluded"])
@@ -320,7 +322,7 @@ def finalize(spec: ScrapeJobSpec) -> dict[str, Any]:
         # Not exclusions: samples a rerun fetches again (retry units), by the outcome of their last try.
         "transient": dict(sorted(transient.items())),
         "warnings": plan.get("warnings", {}),
-        "planned": {"commercial": plan["commercial"], "noncommercial": plan["noncommercial"]},
+        "planned": {split: plan.get(split, 0) for split in splits},
         "malformed": plan["malformed"],
     }
     layout.output.write_text("summary.json", json.dumps(result, indent=1))

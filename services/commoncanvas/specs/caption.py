@@ -15,10 +15,13 @@ from commoncanvas.specs.common import (
     StageSuspend,
 )
 
-SplitName = Literal["commercial", "noncommercial"]
+# "evaluation" (a ScrapeJob with licenses.evaluationSplit): captions and attribution only, no images.
+SplitName = Literal["commercial", "noncommercial", "evaluation"]
 # 70M images / 8,192 = ~8.5k units: a few minutes each at the ~100 images/s a BLIP-2 GPU worker aims
 # for (README, "Workers and units").
 CAPTION_SAMPLES_PER_UNIT = 8192
+# The ND evaluation split's captions and attribution (no image bytes), under a CaptionJob's output.
+EVALUATION_CAPTIONS_FILE = "evaluation/captions.jsonl"
 
 
 class CaptionInput(KubeModel):
@@ -43,7 +46,8 @@ class CaptionInput(KubeModel):
     splits: list[SplitName] = Field(
         default_factory=lambda: cast(list[SplitName], ["commercial", "noncommercial"]),
         min_length=1,
-        description="Splits to caption",
+        description="Splits to caption; 'evaluation' (the NoDerivs split) is written as "
+        f"{EVALUATION_CAPTIONS_FILE} (captions and attribution, no image bytes), never as a training split",
     )
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""ScrapeJob: YFCC100M metadata -> licensed, attributed image shards split into C and NC."""
+"""ScrapeJob: YFCC100M metadata -> licensed, attributed image shards split into C and NC (and, on
+request, the NoDerivs evaluation split)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ class LicensePolicySpec(KubeModel):
         default_factory=lambda: cast(list[AllowedLicense], list(DEFAULT_ALLOWED)),
         min_length=1,
         description="License codes to keep; commercial-use licenses form the C split, the rest NC",
+    )
+    evaluation_split: bool = Field(
+        False,
+        description="Also keep NoDerivs photos (cc-by-nd, cc-by-nc-nd), in a separate 'evaluation' split "
+        "with full attribution: for evaluation prompts and reference images, never trained on",
     )
 
 

@@ -33,6 +33,7 @@ import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
 from commoncanvas.caption.unitplan import InputMissing
+from commoncanvas.licenses import evaluation_root_problem
 from commoncanvas.scrape.dedup import CREDITS_COLUMN
 from commoncanvas.specs.common import SpecError
 from commoncanvas.specs.train import TrainRunSpec
@@ -70,6 +71,8 @@ def plan_streams(
         raise SpecError(f"dataset.mix names a split more than once: {splits}")
     streams: list[DatasetStream] = []
     for root in roots:
+        if evaluation_root_problem(root):
+            raise SpecError(f"the dataset from {origin}: {evaluation_root_problem(root)}")
         for split in splits:
             uri = f"{root.rstrip('/')}/{split}"
             storage = open_storage(uri)
@@ -198,8 +201,18 @@ class _TrainingSamples(StreamingDataset):
         problem = license_problem(str(sample["license_code"]), str(sample["split"]))
         if problem:
             # The catalog's policy should have excluded it; never train on it, whatever wrote the data.
-            raise LicenseViolation(f"photo {sample['photo_id']} (sample {sample_id}): {problem}")
+            raise LicenseViolation(
+                f"{self.shard_of(sample_id)}: photo {sample['photo_id']} (sample {sample_id}): {problem}; "
+                "nothing was trained on it: rebuild that dataset with the default license policy"
+            )
         return sample
+
+    def shard_of(self, sample_id: int) -> str:
+        """'dataset <stream root>, shard <basename>' of a sample, for a one-line error."""
+        shard_id, _ = self.spanner[sample_id]
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        raw = getattr(self.shards[shard_id], "raw_data", None)  # MDS shards have it
+        return f"dataset {stream.remote or stream.local}, shard {raw.basename if raw else shard_id}"
 
     def _drops_caption(self, sample_id: int) -> bool:
         epoch = max(0, self.next_epoch - 1)  # the epoch being iterated (shared memory, right in workers)
@@ -243,7 +256,8 @@ class CaptionedImages(_TrainingSamples):
 class PrecomputedLatents(_TrainingSamples):
     """The LATENTS phase's output (commoncanvas.train.latents: scaled VAE latent means and the text
     encoder's states, float16, plus every captioned column but the image) -> {latents (4,h,w),
-    text_hidden (77,dim), record}; a dropped caption gets the phase's states of the empty caption."""
+    text_hidden (77,dim), record}, the latents from `column` (one per stage resolution,
+    latents.latents_column); a dropped caption gets the phase's states of the empty caption."""
 
     def __init__(
         self,
@@ -253,9 +267,11 @@ class PrecomputedLatents(_TrainingSamples):
         seed: int,
         caption_dropout: float,
         empty_text_hidden: torch.Tensor,
+        column: str,
     ) -> None:
         super().__init__(streams=streams, micro_batch=micro_batch, seed=seed, caption_dropout=caption_dropout)
         self.empty_text_hidden = empty_text_hidden.detach().to("cpu", torch.float32)
+        self.column = column
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = self._checked(sample_id, retry)
@@ -264,7 +280,7 @@ class PrecomputedLatents(_TrainingSamples):
         else:
             text_hidden = torch.from_numpy(np.asarray(sample["text_hidden"], dtype=np.float32))
         return {
-            "latents": torch.from_numpy(np.asarray(sample["latents"], dtype=np.float32)),
+            "latents": torch.from_numpy(np.asarray(sample[self.column], dtype=np.float32)),
             "text_hidden": text_hidden,
             "record": record_of(sample),
         }
@@ -291,6 +307,9 @@ def make_loader(dataset: StreamingDataset, micro_batch: int, workers: int) -> St
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers else None,
+        # Its own generator: starting a pass (a resume, a new stage) then draws its worker seed from it,
+        # not from the global RNG the noise and timesteps come from, which a checkpoint restores.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from commoncanvas.licenses import BY_CODE, Split
+from commoncanvas.licenses import BY_CODE, TRAINING_SPLITS, Split
 from commoncanvas.scrape.dedup import CREDITS_COLUMN
 from commoncanvas.storage import Storage
 
@@ -38,7 +38,9 @@ def license_problem(code: str, split: str) -> str:
         return f"unknown license {code!r}"
     if not lic.derivatives:
         return f"license {code} forbids derivatives"
-    if split not in {s.value for s in Split}:
+    if split == Split.EVALUATION:
+        return "the evaluation split is for evaluation only, never for training"
+    if split not in TRAINING_SPLITS:
         return f"unknown split {split!r}"
     if split == Split.COMMERCIAL and not lic.commercial:
         return f"license {code} forbids commercial use but the sample is in the commercial split"
