@@ -23,7 +23,7 @@ from commoncanvas.caption.worker import CAPTION_COLUMNS
 from commoncanvas.sample import synthetic_jpeg
 from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 from commoncanvas.specs import TrainRun
-from commoncanvas.train import latents
+from commoncanvas.train import latents, parts
 
 pytestmark = pytest.mark.integration
 ATTRIBUTION = ("photo_id", "split", "license_code", "license_name", "license_url", "author", "page_url")
@@ -109,7 +109,7 @@ def test_precomputed_latents_match_on_the_fly_encoding_and_keep_attribution(tmp_
     rows = read_split(tmp_path / "out" / "latents" / "commercial")
     assert sorted(int(r["photo_id"]) for r in rows) == sorted(source)
 
-    encoders = latents.load_encoders(run.spec, torch.device("cpu"))
+    encoders = parts.load_encoders(run.spec, torch.device("cpu"))
     for row in rows:
         original = source[int(row["photo_id"])]
         assert {c: row[c] for c in ATTRIBUTION} == {c: original[c] for c in ATTRIBUTION}
@@ -131,7 +131,7 @@ def test_precomputed_latents_match_on_the_fly_encoding_and_keep_attribution(tmp_
 
 def test_encoding_is_batch_independent_and_scaled_like_training_expects(tmp_path: Path) -> None:
     write_captions(tmp_path / "captions", 1)
-    encoders = latents.load_encoders(train_run(tmp_path / "captions", tmp_path / "out").spec)
+    encoders = parts.load_encoders(train_run(tmp_path / "captions", tmp_path / "out").spec)
     pixels = torch.stack([latents.load_pixels(synthetic_jpeg(n, SIZES[n]), 64) for n in range(3)])
     assert pixels.shape == (3, 3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1
     captions = ["one", "two words", ""]
@@ -158,7 +158,7 @@ def test_killed_latents_worker_then_rerun_gives_every_sample_exactly_once(
     run = train_run(tmp_path / "captions", tmp_path / "out", resolution=128, schedule={"microBatchSize": 1})
     job_file = tmp_path / "train.yaml"
     job_file.write_text(yaml.safe_dump(run.model_dump(by_alias=True, exclude_none=True)))
-    latents.tiny_sd2_dir()  # written before the worker starts, so the kill lands while it encodes
+    parts.tiny_sd2_dir()  # written before the worker starts, so the kill lands while it encodes
     process = subprocess.Popen([sys.executable, "-m", "commoncanvas.cli", "latents", "work", str(job_file)])
     # A local output is written in place, and the writer opens on the first encoded batch: once the
     # unit's directory exists the worker is mid-unit, samples encoded and none published.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from commoncanvas.specs.caption import CAPTION_SAMPLES_PER_UNIT
 from commoncanvas.specs.common import (
@@ -16,11 +17,24 @@ from commoncanvas.specs.common import (
 )
 
 SplitName = Literal["commercial", "noncommercial"]
+# A run without schedule.stages trains at one resolution for these many steps.
+DEFAULT_RESOLUTION = 512
+DEFAULT_MAX_STEPS = 100_000
 
 
 class StreamMix(KubeModel):
     split: SplitName
     weight: float = Field(1.0, gt=0, description="Relative share of this split in every epoch")
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _never_evaluation(cls, split: object) -> object:
+        if split == "evaluation":  # the ScrapeJob's NoDerivs split (licenses.evaluationSplit)
+            raise ValueError(
+                "'evaluation' is the NoDerivs evaluation set: it is never trained on; name commercial or "
+                "noncommercial (an EvalRun reads the evaluation set)"
+            )
+        return split
 
 
 class TrainDataset(KubeModel):
@@ -83,12 +97,34 @@ class Optimizations(KubeModel):
         description="Images per unit of the latents phase (whole input shards, at least this many)",
     )
     low_precision_norms: bool = Field(True, description="GroupNorm/LayerNorm in low precision under autocast")
-    fsdp: Literal["off", "full", "hybrid"] = Field("off", description="off = DDP")
+    fsdp: Literal["off", "full", "shard-grad-op", "hybrid"] = Field(
+        "off",
+        description="off = DDP (every rank holds the whole UNet); FSDP2 sharding each UNet block: full = "
+        "over all ranks, re-gathered for the backward (FULL_SHARD); shard-grad-op = over all ranks, kept "
+        "gathered from forward to backward (SHARD_GRAD_OP: fewer all-gathers, more memory); hybrid = "
+        "within a node, replicated across nodes (HYBRID_SHARD)",
+    )
     ema: EmaSpec = Field(default_factory=lambda: EmaSpec())
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the UNet")
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field("auto", description="auto: bf16 on GPU")
+
+
+class ResolutionStage(KubeModel):
+    resolution: int = Field(ge=8, le=2048, multiple_of=8, description="Image side in pixels (multiple of 8)")
+    steps: int = Field(ge=1, description="Optimizer steps at this resolution")
+
+
+def stage_at(stages: Sequence[ResolutionStage], step: int) -> int:
+    """The 0-based index of the stage that optimizer step `step` (0-based, the next one to take) trains
+    in; a step past the end is the last stage's (a run resumed after its final step)."""
+    end = 0
+    for index, stage in enumerate(stages):
+        end += stage.steps
+        if step < end:
+            return index
+    return len(stages) - 1
 
 
 class Schedule(KubeModel):
@@ -97,7 +133,19 @@ class Schedule(KubeModel):
     learning_rate: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(10_000, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    max_steps: int = Field(100_000, ge=1)
+    stages: list[ResolutionStage] = Field(
+        default_factory=list,
+        description="Resolution stages in order (e.g. 256 px, then 512 px); the step, optimizer, LR warmup "
+        "and EMA carry across them. None = one stage at spec.resolution for maxSteps",
+    )
+    # No CRD default (the API server would fill it in beside stages); `max_steps` is the value to use.
+    requested_max_steps: int | None = Field(
+        None,
+        ge=1,
+        alias="maxSteps",
+        description=f"Optimizer steps in all (default {DEFAULT_MAX_STEPS}); with stages, their total: "
+        "leave it unset or equal to it",
+    )
     max_duration_seconds: int = Field(0, ge=0, description="Stop after this wall time too (0 = no limit)")
     seed: int = 17
     gradient_clip_norm: float | None = Field(
@@ -112,6 +160,29 @@ class Schedule(KubeModel):
         description="Fail the run after this many optimizer steps in a row skipped for a non-finite "
         "loss or gradient",
     )
+
+    @model_validator(mode="after")
+    def _steps_agree(self) -> Schedule:
+        total = sum(stage.steps for stage in self.stages)
+        if self.stages and self.requested_max_steps not in (None, total):
+            raise ValueError(
+                f"schedule.maxSteps {self.requested_max_steps} differs from the total of schedule.stages' "
+                f"steps {total}: leave schedule.maxSteps unset or make it {total}"
+            )
+        return self
+
+    @property
+    def max_steps(self) -> int:
+        """Optimizer steps in all: the stages' total, else maxSteps."""
+        if self.stages:
+            return sum(stage.steps for stage in self.stages)
+        return self.requested_max_steps or DEFAULT_MAX_STEPS
+
+    @max_steps.setter
+    def max_steps(self, steps: int) -> None:
+        if self.stages:
+            raise ValueError("with schedule.stages, max steps are their total: change the stages' steps")
+        self.requested_max_steps = steps
 
 
 class Distributed(KubeModel):
@@ -154,7 +225,15 @@ class TrainRunSpec(KubeModel):
     dataset: TrainDataset
     output: TrainOutput
     checkpoint: CheckpointSpec
-    resolution: int = Field(512, ge=8, le=2048, multiple_of=8)
+    # No CRD default (the API server would fill it in beside schedule.stages); `resolution` is the value.
+    requested_resolution: int | None = Field(
+        None,
+        ge=8,
+        le=2048,
+        multiple_of=8,
+        alias="resolution",
+        description=f"Train at this resolution (default {DEFAULT_RESOLUTION}); or give schedule.stages",
+    )
     model: TrainModel = Field(default_factory=lambda: TrainModel())
     optimizations: Optimizations = Field(default_factory=lambda: Optimizations())
     schedule: Schedule = Field(default_factory=lambda: Schedule())
@@ -163,9 +242,34 @@ class TrainRunSpec(KubeModel):
     suspend: bool = Field(False, description="Pause (on a cluster); resumes from the newest checkpoint")
     priority_class_name: PriorityClassName = None
 
+    @model_validator(mode="after")
+    def _one_resolution_source(self) -> TrainRunSpec:
+        if self.requested_resolution is not None and self.schedule.stages:
+            raise ValueError(
+                "give spec.resolution or spec.schedule.stages, not both: a run with stages trains at each "
+                "stage's resolution; remove spec.resolution"
+            )
+        return self
+
+    @property
+    def stages(self) -> list[ResolutionStage]:
+        """The resolution stages in order: schedule.stages, or one at spec.resolution for maxSteps."""
+        if self.schedule.stages:
+            return list(self.schedule.stages)
+        return [ResolutionStage(resolution=self.resolution, steps=self.schedule.max_steps)]
+
+    @property
+    def resolution(self) -> int:
+        """The final resolution: the model's sample size and the exported pipeline's default."""
+        if self.schedule.stages:
+            return self.schedule.stages[-1].resolution
+        return self.requested_resolution or DEFAULT_RESOLUTION
+
 
 class TrainRunStatus(CommonStatus):
     step: int = 0
+    stage: int = Field(0, ge=0, description="The resolution stage training is in, 1-based (0 = not started)")
+    resolution: int = Field(0, ge=0, description="That stage's resolution in pixels")
     images_seen: int = 0
     last_checkpoint: str = ""
     restarts: int = 0

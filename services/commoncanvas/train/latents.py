@@ -23,11 +23,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +34,7 @@ from commoncanvas import shardplan, units
 from commoncanvas.shardplan import ShardGroupUnit, ShardInput, Upstream
 from commoncanvas.specs.train import TrainRunSpec
 from commoncanvas.storage import Storage
+from commoncanvas.train.parts import Encoders, load_encoders
 from commoncanvas.unitloop import unit_work
 from commoncanvas.units import StageLayout
 
@@ -101,101 +99,19 @@ def encode_captions(text_encoder: Any, tokenizer: Any, captions: Sequence[str]) 
     return hidden
 
 
-# --- the encoders ----------------------------------------------------------------------------------
+# --- the encoders (loaded by commoncanvas.train.parts) ----------------------------------------------
 
 
-@dataclass
-class Encoders:
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    device: torch.device
-
-    def encode(self, images: torch.Tensor, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        latents, hidden = encode_batch(self.vae, self.text_encoder, self.tokenizer, images, captions)
-        return _float16(latents), _float16(hidden)
+def encode_to_float16(
+    encoders: Encoders, images: torch.Tensor, captions: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """encode_batch with the loaded encoders, as the float16 arrays this phase stores."""
+    latents, hidden = encode_batch(encoders.vae, encoders.text_encoder, encoders.tokenizer, images, captions)
+    return _float16(latents), _float16(hidden)
 
 
 def _float16(tensor: torch.Tensor) -> np.ndarray:
     return tensor.float().cpu().numpy().astype(np.float16)
-
-
-# Where a model's frozen parts come from when the spec names none: the SD2 releases, or for `tiny` a
-# seeded random pipeline written once per machine (same seed, same weights, in every process).
-DEFAULT_SOURCES = {
-    "sd2-base": "stabilityai/stable-diffusion-2-base",
-    "sd2": "stabilityai/stable-diffusion-2",
-}
-TINY_SEED = 0
-
-
-def load_encoders(spec: TrainRunSpec, device: torch.device | None = None) -> Encoders:
-    """The frozen VAE and text encoder training uses, in eval mode, fp32 (a one-off pass: accuracy
-    matters more than speed, and fp16 SD VAEs can overflow)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    revision = spec.model.revision or "main"
-    vae = load_part(AutoencoderKL, spec.model.vae, spec.model.architecture, "vae", revision=revision)
-    text_encoder = load_part(
-        CLIPTextModel, spec.model.text_encoder, spec.model.architecture, "text_encoder", revision=revision
-    )
-    tokenizer = load_part(
-        CLIPTokenizer, spec.model.text_encoder, spec.model.architecture, "tokenizer", revision=revision
-    )
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    return Encoders(
-        vae.to(device, torch.float32).eval(), text_encoder.to(device, torch.float32).eval(), tokenizer, device
-    )
-
-
-def load_part(cls: Any, source: str | None, architecture: str, part: str, **kwargs: Any) -> Any:
-    """Load one part; a source may be a whole pipeline (the part in its subfolder) or just that part."""
-    from commoncanvas.models import resolve_model_dir
-
-    if source is None:
-        root = tiny_sd2_dir() if architecture == "tiny" else DEFAULT_SOURCES[architecture]
-    else:
-        root = resolve_model_dir(source)
-    path = Path(root)
-    if path.is_dir():
-        return cls.from_pretrained(root, subfolder=part if (path / part).is_dir() else None, **kwargs)
-    try:  # a hub id: a pipeline repo most often, else the part's own repo
-        return cls.from_pretrained(root, subfolder=part, **kwargs)
-    except OSError:
-        return cls.from_pretrained(root, **kwargs)
-
-
-# The name model.py imports; load_part is the public one.
-_from_source = load_part
-
-
-def tiny_sd2_dir() -> str:
-    """The seeded tiny SD2 pipeline, written once under the model cache (a lock serialises processes)."""
-    import os
-    import shutil
-
-    from filelock import FileLock
-
-    from commoncanvas.models import default_model_cache, write_tiny_sd2
-
-    cache = default_model_cache()
-    target = cache / f"tiny-sd2-seed{TINY_SEED}"
-    if (target / "model_index.json").is_file():
-        return str(target)
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / f"{target.name}.lock")):
-        if not (target / "model_index.json").is_file():
-            part = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}.part-"))
-            try:
-                write_tiny_sd2(part, seed=TINY_SEED)
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(part, target)
-            finally:
-                shutil.rmtree(part, ignore_errors=True)
-    return str(target)
 
 
 # --- units -----------------------------------------------------------------------------------------
@@ -208,6 +124,30 @@ def layout_of(spec: TrainRunSpec) -> StageLayout:
 def latents_uri(spec: TrainRunSpec) -> str:
     """Where training reads precomputed latents: `{this}/{split}/` per split, plus NULL_TEXT_KEY."""
     return f"{spec.output.uri.rstrip('/')}/{LATENTS_DIR}"
+
+
+def stage_resolutions(spec: TrainRunSpec) -> list[int]:
+    """Every resolution the run trains at, in stage order, each once: each gets its latents."""
+    return list(dict.fromkeys(stage.resolution for stage in spec.stages))
+
+
+def latents_column(spec: TrainRunSpec, resolution: int) -> str:
+    """The column holding one stage's latents: `latents` at spec.resolution (the final one, which the
+    model is sized for), `latents_{R}` at an earlier stage's resolution R.  One dataset holds them all
+    beside one copy of the text states, which are the same at every resolution and 5-20x larger."""
+    return "latents" if resolution == spec.resolution else f"latents_{resolution}"
+
+
+def load_stage_pixels(data: bytes, resolutions: Sequence[int]) -> torch.Tensor:
+    """The image at every resolution, each as `load_pixels` gives it, flattened into one vector: the
+    unit's loader stacks one tensor per image (`split_stage_pixels` takes a batch apart)."""
+    return torch.cat([load_pixels(data, resolution).flatten() for resolution in resolutions])
+
+
+def split_stage_pixels(pixels: torch.Tensor, resolutions: Sequence[int]) -> list[torch.Tensor]:
+    """A batch of `load_stage_pixels` vectors -> one (B, 3, R, R) batch per resolution."""
+    chunks = pixels.split([3 * r * r for r in resolutions], dim=1)
+    return [chunk.reshape(-1, 3, r, r) for chunk, r in zip(chunks, resolutions, strict=True)]
 
 
 def splits_of(spec: TrainRunSpec) -> list[str]:
@@ -238,6 +178,8 @@ def ensure_plan(spec: TrainRunSpec, layout: StageLayout, resolve_ref: Callable[[
         "spec.resolution": spec.resolution,
         **{f"spec.model.{k}": v for k, v in sorted(model.items())},
     }
+    if spec.schedule.stages:  # (absent for one stage: outputs made before stages keep their identity)
+        settings["spec.schedule.stages[].resolution"] = stage_resolutions(spec)
     return shardplan.ensure_plan(layout, latents_input(spec), resolve_ref, settings, kind="TrainRun latents")
 
 
@@ -247,12 +189,17 @@ read_units = shardplan.read_units
 # --- one unit --------------------------------------------------------------------------------------
 
 
-def output_columns(unit: ShardGroupUnit, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]) -> dict:
+def output_columns(
+    unit: ShardGroupUnit, latent_shapes: dict[str, tuple[int, ...]], text_shape: tuple[int, ...]
+) -> dict:
+    """MDS columns: each latents column (see latents_column) with its shape, the text states, the rest."""
+
     def ndarray(shape: tuple[int, ...]) -> str:
         return f"ndarray:float16:{','.join(str(n) for n in shape)}"
 
     carried = {name: enc for name, enc in unit.columns.items() if name not in SKIPPED_INPUT_COLUMNS}
-    return {"latents": ndarray(latent_shape), "text_hidden": ndarray(text_shape), **carried}
+    latents = {column: ndarray(shape) for column, shape in latent_shapes.items()}
+    return {**latents, "text_hidden": ndarray(text_shape), **carried}
 
 
 class LatentsStage:
@@ -291,7 +238,10 @@ class LatentsStage:
 
     def run_attempt(self, unit_index: int, attempt: int) -> dict[str, Any]:
         unit, encoders = self.planned[unit_index], self.model()
-        to_pixels = partial(load_pixels, resolution=self.spec.resolution)
+        # Each image is read and decoded once for all stages' resolutions; its caption encoded once.
+        resolutions = stage_resolutions(self.spec)
+        columns = [latents_column(self.spec, resolution) for resolution in resolutions]
+        to_pixels = partial(load_stage_pixels, resolutions=resolutions)
         with unit_work(STAGE, self.output, unit, attempt) as work:
             for inputs in work.batches(
                 to_pixels, self.batch_size, self.loader_workers, dropped=SKIPPED_INPUT_COLUMNS
@@ -299,14 +249,19 @@ class LatentsStage:
                 good = [item for item in inputs["items"] if item["pixels"] is not None]
                 if good:
                     captions = [item["row"]["caption"] for item in good]
-                    latents, hidden = encoders.encode(inputs["pixels"], captions)
+                    first, *others = split_stage_pixels(inputs["pixels"], resolutions)
+                    latents, hidden = encode_to_float16(encoders, first, captions)
+                    others_latents = (_float16(encode_images(encoders.vae, p)) for p in others)
+                    by_column = dict(zip(columns, [latents, *others_latents], strict=True))
                     if work.writer is None:  # the columns' shapes come from the encoders' first output
-                        work.open_writer(output_columns(unit, latents.shape[1:], hidden.shape[1:]))
-                    for item, latent, text in zip(good, latents, hidden, strict=True):
-                        work.write({**item["row"], "latents": latent, "text_hidden": text})
+                        shapes = {column: array.shape[1:] for column, array in by_column.items()}
+                        work.open_writer(output_columns(unit, shapes, hidden.shape[1:]))
+                    for index, (item, text) in enumerate(zip(good, hidden, strict=True)):
+                        stage_latents = {column: array[index] for column, array in by_column.items()}
+                        work.write({**item["row"], **stage_latents, "text_hidden": text})
                 for item in inputs["items"]:
                     work.record(item["row"], item["error"])
-        return work.finish(resolution=self.spec.resolution)
+        return work.finish(resolution=self.spec.resolution, resolutions=resolutions)
 
 
 def finalize(spec: TrainRunSpec, resolve_ref: Callable[[str], str] | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from streaming import StreamingDataLoader
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from commoncanvas import metrics
 from commoncanvas.specs.common import Condition, Phase, SpecError
-from commoncanvas.specs.train import TrainRun, TrainRunSpec, TrainRunStatus
+from commoncanvas.specs.train import TrainRun, TrainRunSpec, TrainRunStatus, stage_at
 from commoncanvas.storage import Storage, open_storage
 from commoncanvas.train.checkpoint import CheckpointStore, Progress, Trainable, gather_weights
 from commoncanvas.train.data import (
@@ -47,7 +48,7 @@ from commoncanvas.train.data import (
     streaming_nodes_are_hosts,
 )
 from commoncanvas.train.datacard import CARD_JSON, MANIFEST, DatasetStream, write_datacard
-from commoncanvas.train.latents import encode_images, latents_uri
+from commoncanvas.train.latents import encode_images, latents_column, latents_uri
 from commoncanvas.train.model import (
     ModelParts,
     autocast_dtype,
@@ -57,7 +58,6 @@ from commoncanvas.train.model import (
     ema_updates_at,
     gradient_sync,
     inference_pipeline,
-    inference_scheduler,
     make_ema,
     wrap_for_training,
 )
@@ -129,18 +129,19 @@ def train(
     )
     images_per_step = schedule.micro_batch_size * accumulation * world.size
 
-    # Data: one stream per (root, split), sharded over ranks by streaming.
-    dataset = training_dataset(name, spec, planned, parts, world)
-    loader = make_loader(dataset, schedule.micro_batch_size, spec.dataset.loader_workers)
+    # Data: one stream per (root, split), sharded over ranks by streaming, at the resolution of the stage
+    # the run is in (a resumed run's: the step after its newest checkpoint's).
+    checkpoints = CheckpointStore(spec.checkpoint.uri, spec.checkpoint.keep)
+    stage = stage_at(spec.stages, checkpoints.latest_step() or 0)
+    dataset, loader = stage_data(name, spec, planned, parts, world, stage)
 
     # Resume from the newest checkpoint, if any: weights, optimizer, EMA, LR, RNG, dataloader position.
-    checkpoints = CheckpointStore(spec.checkpoint.uri, spec.checkpoint.keep)
     trainable = Trainable(unet, optimizer, lr_scheduler, ema, loader, grad_scaler)
     seed_rank(schedule.seed, world.rank)  # each rank its own noise, unless the checkpoint restores it
     progress = checkpoints.restore(trainable, world) or Progress()
     if peak_flops(world.device):  # MFU needs the model's FLOPs per image, counted once
         report.flops_per_image = unet_training_flops(parts, unet, schedule.micro_batch_size, world.device)
-    report.started(progress, accumulation)
+    report.started(progress, accumulation, stage)
 
     seen: list[dict[str, Any]] = []  # this rank's samples since the last checkpoint
     batches = epochs_of(loader, dataset)
@@ -149,6 +150,14 @@ def train(
     consecutive_skips, saved_step = 0, progress.step  # the step of the checkpoint resumed from (or 0)
     with StopOnSigterm() as sigterm:
         while not stop:
+            if stage_at(spec.stages, progress.step) != stage:
+                # A stage boundary: the same samples at the next resolution.  Switched before the step,
+                # not after the last one, so a checkpoint at the boundary holds the old loader's position,
+                # as a resume (which builds the new stage's loader at once) expects.
+                stage = stage_at(spec.stages, progress.step)
+                dataset, loader = next_stage_data(loader, batches, name, spec, planned, parts, world, stage)
+                trainable.loader, batches = loader, epochs_of(loader, dataset)
+                report.stage_started(progress, stage)
             step_start = time.perf_counter()
             step_loss = torch.zeros((), device=world.device)
             step_records: list[dict[str, Any]] = []
@@ -228,7 +237,9 @@ def train(
         "checkpoints": spec.checkpoint.uri,
     }
     if world.is_main:
-        write_datacard(
+        from commoncanvas.train.modelcard import MODEL_CARD, write_model_card
+
+        card = write_datacard(
             output,
             checkpoints.seen_records(progress),
             [stream for stream, _ in planned],
@@ -236,7 +247,13 @@ def train(
             step=progress.step,
             images_seen=progress.images_seen,
         )
-        outputs |= {"datacard": output.url(CARD_JSON), "attribution": output.url(MANIFEST)}
+        # The pipeline folder's README.md: the model card the Hub renders, from the data card.
+        write_model_card(open_storage(outputs["pipeline"]), card)
+        outputs |= {
+            "datacard": output.url(CARD_JSON),
+            "attribution": output.url(MANIFEST),
+            "modelCard": f"{outputs['pipeline']}/{MODEL_CARD}",
+        }
     report.finished(progress, Phase.SUCCEEDED, outputs, f"trained {progress.step} steps ({stop})")
     return {**report.summary(progress), "stopped": stop, "outputs": outputs}
 
@@ -345,24 +362,64 @@ def plan_training_streams(
     return plan_streams(dataset_roots(spec, resolve_ref), spec, origin)
 
 
-def training_dataset(
+def stage_data(
     name: str,
     spec: TrainRunSpec,
     planned: list[tuple[DatasetStream, float | None]],
     parts: ModelParts,
     world: World,
+    stage: int,
+) -> tuple[Any, StreamingDataLoader]:
+    """The training set and its loader for resolution stage `stage` (0-based)."""
+    resolution = spec.stages[stage].resolution
+    # A cache directory per stage: streaming refuses a local directory another live dataset still holds.
+    cache = data_cache_dir(name, world) / f"stage-{stage}"
+    dataset = training_dataset(spec, planned, parts, world, resolution, cache)
+    return dataset, make_loader(dataset, spec.schedule.micro_batch_size, spec.dataset.loader_workers)
+
+
+def next_stage_data(
+    loader: StreamingDataLoader,
+    batches: Iterator[Any],
+    name: str,
+    spec: TrainRunSpec,
+    planned: list[tuple[DatasetStream, float | None]],
+    parts: ModelParts,
+    world: World,
+    stage: int,
+) -> tuple[Any, StreamingDataLoader]:
+    """Stage `stage`'s data, continuing the epoch where the previous stage's loader stopped: the stages
+    see one shuffled sequence of samples, not a fresh epoch from its start at every boundary."""
+    position = loader.state_dict()
+    assert position is not None  # (None only for a dataset that is no StreamingDataset)
+    batches_close = getattr(batches, "close", None)
+    if callable(batches_close):
+        batches_close()  # ends the old loader's pass (and its worker processes)
+    dataset, next_loader = stage_data(name, spec, planned, parts, world, stage)
+    next_loader.load_state_dict(position)
+    return dataset, next_loader
+
+
+def training_dataset(
+    spec: TrainRunSpec,
+    planned: list[tuple[DatasetStream, float | None]],
+    parts: ModelParts,
+    world: World,
+    resolution: int,
+    cache_dir: Path,
 ) -> Any:
-    """Captioned images (encoded every step), or precomputed latents (encoders skipped)."""
+    """Captioned images at `resolution` (encoded every step), or precomputed latents (encoders skipped)."""
     common: dict[str, Any] = {
-        "streams": make_streams(planned, data_cache_dir(name, world)),
+        "streams": make_streams(planned, cache_dir),
         "micro_batch": spec.schedule.micro_batch_size,
         "seed": spec.schedule.seed,
         "caption_dropout": spec.dataset.caption_dropout,
     }
     with streaming_nodes_are_hosts(world):
         if spec.optimizations.precompute_latents:
-            return PrecomputedLatents(**common, empty_text_hidden=null_text_hidden(spec))
-        return CaptionedImages(**common, resolution=spec.resolution, tokenizer=parts.tokenizer)
+            column = latents_column(spec, resolution)
+            return PrecomputedLatents(**common, empty_text_hidden=null_text_hidden(spec), column=column)
+        return CaptionedImages(**common, resolution=resolution, tokenizer=parts.tokenizer)
 
 
 @torch.no_grad()
@@ -450,7 +507,7 @@ def export_pipeline(parts: ModelParts, unet: nn.Module, ema: Any, output: Storag
     Collective (the weights are gathered to rank 0); rank 0 writes, model_index.json last."""
     import tempfile
 
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     weights = gather_weights(unet, ema)
@@ -463,16 +520,8 @@ def export_pipeline(parts: ModelParts, unet: nn.Module, ema: Any, output: Storag
     vae.load_state_dict(parts.vae.state_dict())
     text_encoder = CLIPTextModel(parts.text_encoder.config)
     text_encoder.load_state_dict(parts.text_encoder.state_dict())
-    pipe: Any = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=final_unet,
-        scheduler=inference_scheduler(parts),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    fresh = ModelParts(final_unet, vae, text_encoder, parts.tokenizer, parts.noise_scheduler)
+    pipe = inference_pipeline(fresh, final_unet)  # the one constructor, as write_samples' pipeline
     with tempfile.TemporaryDirectory(prefix="commoncanvas-pipeline-") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
@@ -527,8 +576,9 @@ class Reporter:
     loss: float = 0.0
     flops_per_image: float = 0.0
 
-    def started(self, progress: Progress, accumulation: int) -> None:
+    def started(self, progress: Progress, accumulation: int, stage: int) -> None:
         metrics.TRAIN_RESTARTS.set(self.world.restarts)
+        self._set_stage(stage)
         self.status.start_time = _now()
         self.status.restarts = self.world.restarts
         self.status.last_checkpoint = progress.last_checkpoint
@@ -545,6 +595,26 @@ class Reporter:
                 self.spec.schedule.global_batch_size,
             )
         self._write(progress, Phase.RUNNING, how)
+
+    def stage_started(self, progress: Progress, stage: int) -> None:
+        self._set_stage(stage)
+        if self.world.is_main:
+            log.info(
+                "%s: stage %d of %d at %d px from step %d",
+                self.name,
+                self.status.stage,
+                len(self.spec.stages),
+                self.status.resolution,
+                progress.step,
+            )
+        self._write(progress, Phase.RUNNING, f"stage {stage + 1} at {self.status.resolution} px")
+
+    def _set_stage(self, stage: int) -> None:
+        """status.stage (1-based) and status.resolution; the gauge has the resolution as its label."""
+        self.status.stage, self.status.resolution = stage + 1, self.spec.stages[stage].resolution
+        if self.world.is_main:
+            metrics.TRAIN_STAGE.clear()  # one series: the stage now
+            metrics.TRAIN_STAGE.labels(str(self.status.resolution)).set(self.status.stage)
 
     def stepped(
         self,

@@ -4,7 +4,7 @@ speed-ups, each a switch over the same modules: the training loop never branches
 Architectures: `tiny` is models.write_tiny_sd2's (64 px, for CPU tests); `sd2-base` is Stable Diffusion 2
 base (512 px, epsilon prediction); `sd2` is Stable Diffusion 2 (768 px, v-prediction).  The UNet trains
 from scratch (random weights from its config, as CommonCanvas did) unless `model.unet` names weights.
-The frozen VAE and text encoder are the ones the LATENTS phase encodes with (`latents.load_encoders`:
+The frozen VAE and text encoder are the ones the LATENTS phase encodes with (`parts.load_encoders`:
 `model.vae` / `model.textEncoder`, else SD2's release, else the tiny pipeline), so training on
 precomputed latents and encoding on the fly see the same encoders.
 """
@@ -26,7 +26,7 @@ from torch import nn
 
 from commoncanvas.specs.common import SpecError
 from commoncanvas.specs.train import EmaSpec, Optimizations, TrainRunSpec
-from commoncanvas.train.latents import _from_source, load_encoders
+from commoncanvas.train.parts import load_encoders, load_part
 from commoncanvas.train.world import World
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ def build_model(spec: TrainRunSpec, device: torch.device) -> ModelParts:
     encoders = load_encoders(spec, device)  # eval mode, no gradients, fp32
     if spec.model.unet:
         revision = spec.model.revision or "main"
-        unet = _from_source(UNet2DConditionModel, spec.model.unet, arch, "unet", revision=revision)
+        unet = load_part(UNet2DConditionModel, spec.model.unet, arch, "unet", revision=revision)
     elif arch == "tiny":
-        unet = _from_source(UNet2DConditionModel, None, arch, "unet")
+        unet = load_part(UNet2DConditionModel, None, arch, "unet")
     else:
         torch.manual_seed(spec.schedule.seed)
         unet = UNet2DConditionModel(**SD2_UNET, sample_size=spec.resolution // 8)
@@ -203,8 +203,10 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
 
 
 def wrap_for_training(unet: nn.Module, fsdp: str, world: World) -> nn.Module:
-    """DDP (`fsdp: off`), or FSDP2 sharding each UNet block: `full` over all ranks, `hybrid` within a node
-    and replicated across nodes.  One process: the UNet itself."""
+    """DDP (`fsdp: off`), or FSDP2 sharding each UNet block: `full` over all ranks, `shard-grad-op` the
+    same but a block's gathered weights kept from its forward to its backward (mosaicml/diffusion's
+    SHARD_GRAD_OP: one all-gather per block a step instead of two), `hybrid` within a node and
+    replicated across nodes.  One process: the UNet itself."""
     if not world.distributed:
         if fsdp != "off":
             log.info("one process: optimizations.fsdp=%s has nothing to shard over", fsdp)
@@ -223,11 +225,12 @@ def wrap_for_training(unet: nn.Module, fsdp: str, world: World) -> nn.Module:
         )
     else:
         mesh = init_device_mesh(world.device.type, (world.size,))
+    reshard_after_forward = fsdp != "shard-grad-op"
     model: Any = unet
     blocks: list[nn.Module] = [*model.down_blocks, model.mid_block, *model.up_blocks]
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(unet, mesh=mesh)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return unet
 
 
