@@ -68,7 +68,12 @@ STAGES: dict[str, StageKind] = {
     "CaptionJob": StageKind(
         "CaptionJob", PLURALS["CaptionJob"], "caption", ("input", "scrapeJobRef"), "ScrapeJob"
     ),
+    # Its trainRunRef is the upstream the operator waits for; prompts.captionJobRef is not resolved on a
+    # cluster (its plan pod says to give prompts.uri).
+    "EvalRun": StageKind("EvalRun", PLURALS["EvalRun"], "eval", ("model", "trainRunRef"), "TrainRun"),
 }
+# The stages whose workers run models on the spec's node pool and GPUs (a ScrapeJob's fetch on CPUs).
+MODEL_STAGES = frozenset({"CaptionJob", "EvalRun"})
 UPSTREAM_URI_FIELDS = {"CaptionJob": ("input", "uris"), "TrainRun": ("dataset", "uris")}
 
 
@@ -109,9 +114,14 @@ def resolve_resource(body: Obj, upstream_uri: str | None) -> Obj:
     if ref is not None:
         if upstream_uri is None:
             raise ValueError(f"{kind} {body['metadata']['name']}: {ref[0]} {ref[1]} has no output URI yet")
-        section, field = UPSTREAM_URI_FIELDS[kind]
-        spec[section] = {k: v for k, v in spec[section].items() if not k.endswith("JobRef")}
-        spec[section][field] = [upstream_uri]
+        if kind == "EvalRun":  # the TrainRun's exported pipeline, not a dataset
+            from commoncanvas.specs.eval import TRAIN_PIPELINE_DIR
+
+            spec["model"] = {"pipelineUri": f"{upstream_uri.rstrip('/')}/{TRAIN_PIPELINE_DIR}"}
+        else:
+            section, field = UPSTREAM_URI_FIELDS[kind]
+            spec[section] = {k: v for k, v in spec[section].items() if not k.endswith("JobRef")}
+            spec[section][field] = [upstream_uri]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": kind,
@@ -290,17 +300,18 @@ def stage_work(body: Obj, settings: Settings, output_uri: str | None = None) -> 
     """A ScrapeJob or CaptionJob as sharded work (``output_uri``: the one its running Jobs write to,
     if it differs from the spec's)."""
     kind, name, spec = body["kind"], body["metadata"]["name"], body["spec"]
-    caption = kind == "CaptionJob"
+    models = kind in MODEL_STAGES
     return ShardedWork(
         kind=kind,
         name=name,
         command=STAGES[kind].command,
         step_prefix="",
-        pool=(spec.get("nodePool") or DEFAULT_NODE_POOL) if caption else settings.scrape_pool,
-        gpus=int(spec.get("gpusPerPod", 1)) if caption else 0,
+        pool=(spec.get("nodePool") or DEFAULT_NODE_POOL) if models else settings.scrape_pool,
+        gpus=int(spec.get("gpusPerPod", 1)) if models else 0,
         parallelism=int(spec.get("parallelism", 1)),
         output_uri=output_uri or (spec.get("output") or {}).get("uri", ""),
-        ml_steps=frozenset({"units"}) if caption else frozenset(),
+        # An EvalRun's finalize imports clean-fid, which imports torch.
+        ml_steps=frozenset({"units", "finalize"} if kind == "EvalRun" else {"units"} if models else ()),
         suspend=bool(spec.get("suspend")),
         annotations=pod_annotations(body),
         queue=queue_labels(body),

@@ -254,6 +254,13 @@ def outcome_conditions(phase: str, conditions: list[Obj]) -> list[Obj]:
 def _counts_from_summary(kind: str, summary: Obj | None, output_uri: str) -> Obj:
     if not summary:
         return {}
+    if kind == "EvalRun":  # commoncanvas.eval.score's summary: the numbers, not samples per split
+        return {
+            "results": [dict(row) for row in summary.get("results") or []],
+            "prompts": int(summary.get("prompts") or 0),
+            "references": int(summary.get("references") or 0),
+            "outputs": dict(summary.get("outputs") or {}),
+        }
     counts: Obj = {"excluded": dict(summary.get("excluded") or {})}
     samples = dict(summary.get("samples") or {})
     if kind == "ScrapeJob":
@@ -495,6 +502,8 @@ def drift_condition(drifted: list[str]) -> Obj:
 
 TRAIN_STATUS_FIELDS = (
     "step",
+    "stage",
+    "resolution",
     "imagesSeen",
     "loss",
     "lastCheckpoint",

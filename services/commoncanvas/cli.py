@@ -287,6 +287,54 @@ def latents_finalize(file: Path) -> None:
     _echo_json(finalize(_load_one(file, "TrainRun").spec))
 
 
+@main.group("eval")
+def eval_stage() -> None:
+    """The EvalRun stage (FID, KID, CLIP-FID, CLIP score), step by step."""
+
+
+@eval_stage.command("prepare")
+@_FILE
+@_TERMINATION_LOG
+def eval_prepare(file: Path, termination_log: Path | None) -> None:
+    """Sample the prompts and plan the EvalRun in FILE once (references resolved); print {"units": N}."""
+    from commoncanvas.eval.plan import ensure_plan, read_units, resolved
+    from commoncanvas.units import StageLayout
+
+    spec = resolved(_load_one(file, "EvalRun").spec, None)
+    _report_units(len(read_units(ensure_plan(spec, StageLayout.at(spec.output.uri)))), termination_log)
+
+
+@eval_stage.command("work")
+@_FILE
+@_WORKER
+@_METRICS_PORT
+def eval_work(file: Path, worker: int, metrics_port: int) -> None:
+    """Be one worker of the EvalRun in FILE: the pipeline and extractors loaded once per GPU, then units
+    claimed (images generated, features computed) until none is left."""
+    from functools import partial
+
+    from commoncanvas.eval.worker import STAGE, EvalStage
+
+    spec = _load_one(file, "EvalRun").spec
+    _work(partial(EvalStage, spec), STAGE, spec.parallelism, spec.gpus_per_pod, worker, metrics_port)
+
+
+@eval_stage.command("finalize")
+@_FILE
+@_METRICS_PORT
+def eval_finalize(file: Path, metrics_port: int) -> None:
+    """FID, KID, CLIP-FID and CLIP score per guidance scale from the units' features; write results.json
+    and the plot, export the numbers as gauges, print the results."""
+    from commoncanvas import metrics
+    from commoncanvas.eval.score import finalize
+
+    run = _load_one(file, "EvalRun")
+    metrics.serve(metrics_port)
+    results = finalize(run.spec, None, run.metadata.name)
+    metrics.record_evaluation(run.metadata.name, results["rows"])
+    _echo_json(results)
+
+
 @main.command()
 @click.option(
     "--output",
@@ -308,11 +356,14 @@ def models() -> None:
 
 
 @models.command("tiny")
-@click.option("--kind", type=click.Choice(["blip2", "sd2"]), required=True, help="Which tiny model")
+@click.option(
+    "--kind", type=click.Choice(["blip2", "sd2", "clip", "inception"]), required=True, help="Which tiny model"
+)
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights")
 def models_tiny(kind: str, output: Path, seed: int) -> None:
-    """Write a tiny random-weight BLIP-2 captioner or SD2 pipeline (save_pretrained layout, no download)."""
+    """Write a tiny random-weight BLIP-2 captioner, SD2 pipeline, CLIP (save_pretrained layout) or
+    InceptionV3 stand-in (a TorchScript file); no download."""
     from commoncanvas.models import TINY_WRITERS
 
     click.echo(str(TINY_WRITERS[kind](output, seed=seed)))

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from commoncanvas.specs import GROUP, VERSION, CaptionJob, ScrapeJob, TrainRun
+from commoncanvas.specs import GROUP, VERSION, CaptionJob, EvalRun, ScrapeJob, TrainRun
 from commoncanvas.specs.common import PLURALS
 
 _DROP = {"title", "additionalProperties", "$defs", "discriminator"}
@@ -64,6 +64,15 @@ KIND_INFO: dict[str, KindInfo] = {
             {"name": "Step", "type": "integer", "jsonPath": ".status.step"},
             {"name": "Images/s", "type": "number", "jsonPath": ".status.imagesPerSecond"},
             {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+        ),
+    ),
+    "EvalRun": KindInfo(
+        EvalRun,
+        PLURALS["EvalRun"],
+        ("er",),
+        (
+            {"name": "Prompts", "type": "integer", "jsonPath": ".status.prompts"},
+            {"name": "FID", "type": "number", "jsonPath": ".status.results[0].fid", "priority": 1},
         ),
     ),
 }

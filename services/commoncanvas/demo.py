@@ -92,6 +92,47 @@ def train_run(name: str, caption_name: str, out: Path) -> dict[str, object]:
     }
 
 
+# What the demo's EvalRun generates from: a few prompts, like COCO's captions (30k at paper scale).
+EVAL_PROMPTS = (
+    "a photo of a rocket launch",
+    "a photo of a cat sleeping on a sofa",
+    "a photo of a red bicycle against a wall",
+    "a photo of a bowl of fruit on a table",
+    "a photo of a mountain lake at sunrise",
+    "a photo of a busy city street at night",
+)
+
+
+def eval_run(
+    name: str, train_name: str, references: Path, out: Path, models: dict[str, Path]
+) -> dict[str, object]:
+    """A tiny EvalRun of the trained model: 6 prompts at 2 guidance scales over 2 workers, tiny random
+    extractors (their numbers show the machinery, not quality), the captioned photos as references."""
+    prompts = out / "prompts.jsonl"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    prompts.write_text(
+        "".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(EVAL_PROMPTS))
+    )
+    return {
+        "apiVersion": "commoncanvas.dev/v1alpha1",
+        "kind": "EvalRun",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"trainRunRef": train_name},
+            "prompts": {"uri": str(prompts)},
+            "references": {"uri": str(references)},
+            "extractors": {"inception": str(models["inception"]), "clip": str(models["clip"])},
+            "output": {"uri": str(out / "results")},
+            "resolution": 64,
+            "guidanceScales": [1.5, 7.5],
+            "inferenceSteps": 2,
+            "samplesPerUnit": 3,
+            "parallelism": 2,
+            "gpusPerPod": 0,
+        },
+    }
+
+
 def read_split(uri: str) -> list[dict[str, object]]:
     from streaming import StreamingDataset
 
@@ -100,13 +141,17 @@ def read_split(uri: str) -> list[dict[str, object]]:
 
 
 def main(out: Path = Path("demo-output")) -> None:
-    from commoncanvas.models import write_tiny_blip2
+    from commoncanvas.models import TINY_CLIP_SEED, write_tiny_blip2, write_tiny_clip, write_tiny_inception
 
     out = out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     www = out / "sample"
     www.mkdir(parents=True)
     blip2 = write_tiny_blip2(out / "models" / "blip2")
+    extractors = {
+        "clip": write_tiny_clip(out / "models" / "clip", seed=TINY_CLIP_SEED),
+        "inception": write_tiny_inception(out / "models" / "inception"),
+    }
     with LocalHTTPServer(root=www / "www") as server:
         sample = build_sample(www, server.base_url)
         pipeline = out / "pipeline.yaml"
@@ -114,10 +159,11 @@ def main(out: Path = Path("demo-output")) -> None:
             scrape_job("demo-scrape", sample.metadata, out / "catalog", server.base_url),
             caption_job("demo-caption", "demo-scrape", out / "captions", blip2),
             train_run("demo-train", "demo-caption", out),
+            eval_run("demo-eval", "demo-train", out / "captions" / "commercial", out / "eval", extractors),
         ]
         pipeline.write_text(yaml.safe_dump_all(documents, sort_keys=False))
         console.print(f"[bold]Pipeline[/] {pipeline} (sample served at {server.base_url})")
-        scraped, captioned, trained = run_file(pipeline)
+        scraped, captioned, trained, evaluated = run_file(pipeline)
     show_catalog(scraped)
     show_captions(captioned)
     show_workers({"scrape": scraped, "caption": captioned, "latents": latents_summary(out)})
@@ -136,6 +182,7 @@ def main(out: Path = Path("demo-output")) -> None:
     for name, uri in sorted(trained["outputs"].items()):
         console.print(f"  {'model':>8} {name:>14}: {uri}")
     console.print(f"  {'image':>8} {'generated':>14}: {image}")
+    show_evaluation(evaluated)
     console.print(
         f"  read a split with: streaming.StreamingDataset(local={scraped['outputs']['commercial']!r})"
     )
@@ -167,6 +214,25 @@ def show_workers(summaries: dict[str, dict[str, object]]) -> None:
                 f"  {stage:>8}: {summary.get('units')} units by {summary.get('workers')} workers, "
                 f"{summary.get('modelLoads')} model loads"
             )
+
+
+def show_evaluation(results: dict[str, object]) -> None:
+    """The EvalRun's numbers, one row per guidance scale, and where its results and plot are."""
+    prompts, references = results["prompts"], results["references"]
+    table = Table(
+        title=f"Evaluation (EvalRun demo-eval: {prompts['count']} prompts, "  # type: ignore[index]
+        f"{references['count']} reference images, tiny random extractors)"  # type: ignore[index]
+    )
+    for column in ("guidance", "FID", "KID", "CLIP-FID", "CLIP score"):
+        table.add_column(column)
+    for row in results["rows"]:  # type: ignore[attr-defined]
+        table.add_row(
+            f"{row['guidanceScale']:g}",
+            *(f"{row[name]:.4g}" for name in ("fid", "kid", "clipFid", "clipScore")),
+        )
+    console.print(table)
+    for name, uri in results["outputs"].items():  # type: ignore[attr-defined]
+        console.print(f"  {'eval':>8} {name:>14}: {uri}")
 
 
 def show_catalog(summary: dict[str, object]) -> None:

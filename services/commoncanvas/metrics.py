@@ -8,7 +8,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Metric, start_http_server
 from prometheus_client.registry import Collector
@@ -51,6 +52,24 @@ OOM_BACKOFFS = Counter(
     "commoncanvas_oom_backoffs_total", "CUDA out-of-memory errors survived by halving the batch", ["stage"]
 )
 
+# An EvalRun's numbers, one series per guidance scale (set by its finalize: commoncanvas eval finalize).
+EVAL_LABELS = ["evalrun", "guidance_scale"]
+EVAL_GAUGES = {
+    "fid": Gauge("commoncanvas_eval_fid", "FID (clean-fid, InceptionV3) against the references", EVAL_LABELS),
+    "kid": Gauge("commoncanvas_eval_kid", "KID (clean-fid) against the references", EVAL_LABELS),
+    "clipFid": Gauge("commoncanvas_eval_clip_fid", "FID over CLIP image features", EVAL_LABELS),
+    "clipScore": Gauge("commoncanvas_eval_clip_score", "Mean CLIP score of images and prompts", EVAL_LABELS),
+}
+
+
+def record_evaluation(evalrun: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    """An EvalRun's results rows (commoncanvas.eval.score) as gauges."""
+    for row in rows:
+        scale = f"{row['guidanceScale']:g}"
+        for name, gauge in EVAL_GAUGES.items():
+            if row.get(name) is not None:
+                gauge.labels(evalrun, scale).set(row[name])
+
 
 # Training (rank 0 of a TrainRun); images/s and GPU memory use the shared gauges with stage="train".
 # Kept out of /metrics until `export_training`: other workers, and the other ranks, would report a
@@ -87,8 +106,15 @@ TRAIN_SKIPPED_STEPS = Counter(
     "Optimizer steps skipped because the loss or a gradient was NaN or infinite (on any rank)",
     registry=None,
 )
+TRAIN_STAGE = Gauge(
+    "commoncanvas_train_stage",
+    "The resolution stage (spec.schedule.stages) training is in, 1-based; labelled with its resolution",
+    ["resolution"],
+    registry=None,
+)
 TRAINING = (
     TRAIN_STEP,
+    TRAIN_STAGE,
     TRAIN_IMAGES_SEEN,
     TRAIN_LOSS,
     TRAIN_LEARNING_RATE,

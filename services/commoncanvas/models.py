@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -470,4 +471,83 @@ def write_tiny_sd2(output: Path | str, seed: int = 0) -> Path:
     return output
 
 
-TINY_WRITERS = {"blip2": write_tiny_blip2, "sd2": write_tiny_sd2}
+def write_tiny_clip(output: Path | str, seed: int = 0) -> Path:
+    """A tiny random CLIP (text and vision towers, 32 px images) with its processor: the EvalRun's
+    CLIP score and CLIP-FID extractor in the demo and tests."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    output = Path(output)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _clip_tokenizer(Path(tmp))
+        torch.manual_seed(seed)
+        tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+        config = CLIPConfig(
+            text_config={
+                **tower,
+                "vocab_size": len(tokenizer),
+                "max_position_embeddings": 77,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            vision_config={**tower, "image_size": 32, "patch_size": 8},
+            projection_dim=16,
+        )
+        processor = CLIPProcessor(
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+            ),
+            tokenizer=tokenizer,
+        )
+        output.mkdir(parents=True, exist_ok=True)
+        CLIPModel(config).save_pretrained(output, safe_serialization=True)
+        processor.save_pretrained(output)
+    return output
+
+
+TINY_INCEPTION_FILE = "inception-tiny.pt"
+# A seed whose random tiny CLIP gives some positive image-caption similarities (seed 0 gives none), so
+# the demo's and tests' CLIP scores are not all floored at 0.
+TINY_CLIP_SEED = 2
+
+
+def write_tiny_inception(output: Path | str, seed: int = 0) -> Path:
+    """A tiny random stand-in for clean-fid's InceptionV3 TorchScript (`inception-2015-12-05.pt`): a
+    TorchScript module whose `layers` map (N, 3, 299, 299) normalized pixels to (N, 64, 1, 1) features,
+    as the real one's map them to (N, 2048, 1, 1). Returns the file's path."""
+    import torch
+    from torch import nn
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    class TinyInception(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(
+                nn.Conv2d(3, 16, kernel_size=7, stride=4),
+                nn.ReLU(),
+                nn.Conv2d(16, 64, kernel_size=5, stride=4),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layers(x)
+
+    path = output / TINY_INCEPTION_FILE
+    # TorchScript, because clean-fid's real network is one; torch marks the API deprecated.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(TinyInception().eval()), str(path))
+    return path
+
+
+TINY_WRITERS = {
+    "blip2": write_tiny_blip2,
+    "sd2": write_tiny_sd2,
+    "clip": write_tiny_clip,
+    "inception": write_tiny_inception,
+}

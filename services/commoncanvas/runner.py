@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,7 +18,7 @@ from rich.console import Console
 
 from commoncanvas.pool import UnitsFailed as UnitsFailed  # where the CLI and tests import it
 from commoncanvas.pool import local_processes, run_workers
-from commoncanvas.specs import KINDS, CaptionJob, ScrapeJob, TrainRun, load_resources
+from commoncanvas.specs import KINDS, CaptionJob, EvalRun, ScrapeJob, TrainRun, load_resources
 from commoncanvas.specs.common import SpecError
 
 console = Console(stderr=True)
@@ -28,7 +28,10 @@ console = Console(stderr=True)
 REFERENCE_FIELDS = {
     "ScrapeJob": ("spec.input.scrapeJobRef", "spec.input.uris"),
     "CaptionJob": ("spec.dataset.captionJobRef", "spec.dataset.uris"),
+    "TrainRun": ("spec.model.trainRunRef", "spec.model.pipelineUri"),
 }
+# An EvalRun names a CaptionJob in another field than a TrainRun does.
+EVAL_CAPTION_FIELDS = ("spec.prompts.captionJobRef", "spec.prompts.uri")
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,12 @@ class References:
     referrer: str
     outputs: dict[str, str]
     later: frozenset[str] = frozenset()  # names of that kind further down the file, for the message
+    fields: tuple[str, str] | None = None  # (reference field, URIs field) where not REFERENCE_FIELDS'
 
     def check(self, name: str) -> None:
         if name in self.outputs:
             return
-        ref_field, uris_field = REFERENCE_FIELDS.get(self.kind, ("the reference", "URIs"))
+        ref_field, uris_field = self.fields or REFERENCE_FIELDS.get(self.kind, ("the reference", "URIs"))
         if name in self.later:
             problem = f"which comes after it in this file; move that {self.kind} before it"
         else:
@@ -94,9 +98,12 @@ def check_dataset(
 ) -> None:
     """Fail before a stage starts when an input root (URI, where it came from) lacks a split's
     index.json: InputMissing naming the field and the path. `upstream` is the kind that writes it."""
+    from commoncanvas.licenses import evaluation_root_problem
     from commoncanvas.shardplan import InputMissing
 
     for root, origin in roots:
+        if evaluation_root_problem(root):
+            raise SpecError(f"{referrer}: {origin}: {evaluation_root_problem(root)}")
         missing = missing_split_index(root, splits, local_only)
         if missing:
             raise InputMissing(
@@ -127,7 +134,7 @@ class LocalRun:
 
         if not resources:
             raise SpecError(
-                f"{source} holds no resources; give a file with a ScrapeJob, CaptionJob or TrainRun"
+                f"{source} holds no resources; give a file with a ScrapeJob, CaptionJob, TrainRun or EvalRun"
             )
         outputs: dict[tuple[str, str], str] = {}
         for index, resource in enumerate(resources):
@@ -163,6 +170,22 @@ class LocalRun:
                 ref = spec.dataset.caption_job_ref
                 if ref:
                     _references("CaptionJob", referrer, outputs, later).check(ref)
+            elif isinstance(resource, EvalRun):
+                uris += [
+                    (f"spec.{field_name}", value)
+                    for field_name, value in (
+                        ("model.pipelineUri", spec.model.pipeline_uri),
+                        ("prompts.uri", spec.prompts.uri),
+                        ("references.uri", spec.references.uri),
+                        ("extractors.inception", spec.extractors.inception),
+                    )
+                    if value
+                ]
+                if spec.model.train_run_ref:
+                    _references("TrainRun", referrer, outputs, later).check(spec.model.train_run_ref)
+                if spec.prompts.caption_job_ref:
+                    refs = _references("CaptionJob", referrer, outputs, later, EVAL_CAPTION_FIELDS)
+                    refs.check(spec.prompts.caption_job_ref)
             for field_name, uri in uris:
                 # Model sources may be hub ids; only the s3:// ones are storage URIs.
                 if field_name.startswith("spec.model.") and not uri.startswith("s3://"):
@@ -270,13 +293,40 @@ class LocalRun:
         from commoncanvas.storage import open_storage
 
         status = json.loads(open_storage(spec.output.uri).read_text("status.json"))
+        self.outputs[("TrainRun", run.metadata.name)] = spec.output.uri
         return {"status": status, "logDir": str(result["log_dir"]), "outputs": status.get("outputs", {})}
+
+    def evaluate(self, run: EvalRun) -> dict[str, Any]:
+        """Plan (prompts sampled once), workers generating and extracting features, then the metrics."""
+        from commoncanvas.eval import plan, score, worker
+        from commoncanvas.units import StageLayout
+
+        referrer = f"EvalRun {run.metadata.name!r}"
+        by_kind = {
+            "TrainRun": self.references("TrainRun", referrer),
+            "CaptionJob": replace(self.references("CaptionJob", referrer), fields=EVAL_CAPTION_FIELDS),
+        }
+        # Resolved here, once: the workers get URIs (and a picklable spec).
+        spec = plan.resolved(run.spec, lambda kind, name: by_kind[kind](name))
+        layout = StageLayout.at(spec.output.uri)
+        total = len(plan.read_units(plan.ensure_plan(spec, layout)))
+        run_workers(
+            f"{run.metadata.name} eval",
+            layout.output,
+            total,
+            partial(worker.EvalStage, spec),
+            local_processes(spec.parallelism),
+            self.show_progress,
+        )
+        self.outputs[("EvalRun", run.metadata.name)] = spec.output.uri
+        return score.finalize(spec, None, run.metadata.name)
 
     def run(self, resource: Any) -> dict[str, Any]:
         runners: dict[str, Callable[[Any], dict[str, Any]]] = {
             "ScrapeJob": self.scrape,
             "CaptionJob": self.caption,
             "TrainRun": self.train,
+            "EvalRun": self.evaluate,
         }
         return {"kind": resource.kind, "name": resource.metadata.name, **runners[resource.kind](resource)}
 
@@ -294,7 +344,12 @@ def run_file(path: str | Path, show_progress: bool = True) -> list[dict[str, Any
 
 
 def _references(
-    kind: str, referrer: str, outputs: dict[tuple[str, str], str], later: list[Any]
+    kind: str,
+    referrer: str,
+    outputs: dict[tuple[str, str], str],
+    later: list[Any],
+    fields: tuple[str, str] | None = None,
 ) -> References:
     earlier = {name: uri for (k, name), uri in outputs.items() if k == kind}
-    return References(kind, referrer, earlier, frozenset(r.metadata.name for r in later if r.kind == kind))
+    names = frozenset(r.metadata.name for r in later if r.kind == kind)
+    return References(kind, referrer, earlier, names, fields)

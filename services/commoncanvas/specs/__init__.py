@@ -2,10 +2,11 @@
 
 from commoncanvas.specs.caption import CaptionJob, CaptionJobSpec, CaptionJobStatus
 from commoncanvas.specs.common import GROUP, VERSION, Condition, ObjectMeta, Phase, load_resources
+from commoncanvas.specs.eval import EvalRun, EvalRunSpec, EvalRunStatus
 from commoncanvas.specs.scrape import ScrapeJob, ScrapeJobSpec, ScrapeJobStatus
 from commoncanvas.specs.train import TrainRun, TrainRunSpec, TrainRunStatus
 
-KINDS = {"ScrapeJob": ScrapeJob, "CaptionJob": CaptionJob, "TrainRun": TrainRun}
+KINDS = {"ScrapeJob": ScrapeJob, "CaptionJob": CaptionJob, "TrainRun": TrainRun, "EvalRun": EvalRun}
 
 __all__ = [
     "GROUP",
@@ -15,6 +16,9 @@ __all__ = [
     "CaptionJobSpec",
     "CaptionJobStatus",
     "Condition",
+    "EvalRun",
+    "EvalRunSpec",
+    "EvalRunStatus",
     "ObjectMeta",
     "Phase",
     "ScrapeJob",

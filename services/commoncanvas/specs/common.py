@@ -17,7 +17,12 @@ GROUP = "commoncanvas.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 # The custom resources' plural names (CRDs, API paths, kopf handlers: one place).
-PLURALS = {"ScrapeJob": "scrapejobs", "CaptionJob": "captionjobs", "TrainRun": "trainruns"}
+PLURALS = {
+    "ScrapeJob": "scrapejobs",
+    "CaptionJob": "captionjobs",
+    "TrainRun": "trainruns",
+    "EvalRun": "evalruns",
+}
 # The node pool GPU work runs on unless a spec names another (the chart defines it).
 DEFAULT_NODE_POOL = "a100"
 # Fields every kind has on a cluster, described once.

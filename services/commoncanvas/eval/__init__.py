@@ -1,0 +1,1 @@
+"""EvalRun: FID, KID, CLIP-FID and CLIP score of a pipeline, its generation sharded over workers."""
