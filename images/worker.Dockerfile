@@ -20,7 +20,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY images/requirements.py images/requirements.py
 ARG SKIP_DEPS="torch torchvision transformers diffusers huggingface-hub accelerate tokenizers \
-mosaicml-streaming scikit-image kopf"
+mosaicml-streaming scikit-image kopf kubernetes clean-fid"
 RUN python images/requirements.py --skip "$SKIP_DEPS" pyproject.toml > /tmp/requirements.txt \
     && pip install --requirement /tmp/requirements.txt
 COPY services services

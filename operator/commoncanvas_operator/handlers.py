@@ -10,6 +10,7 @@ TrainRun's is the same with ``train_steps`` and ``reduce_train``; its latents ph
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from datetime import UTC, datetime
@@ -116,6 +117,69 @@ async def read_upstream(kind: str, spec: Obj, namespace: str) -> reducers.Upstre
     )
 
 
+# Child Jobs as kopf's watch last saw them, keyed (namespace, name): a running resource's pass reads
+# its Jobs here instead of a GET each (3 per stage per pass). kopf fills every index before any
+# handler runs, so a restarted operator never mistakes a Job it has not seen yet for a missing one.
+JOB_INDEX: contextvars.ContextVar[kopf.Index[tuple[str | None, str], Obj] | None] = contextvars.ContextVar(
+    "JOB_INDEX", default=None
+)
+
+
+@kopf.index("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": builders.MANAGER})
+def child_jobs(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], Obj]:
+    # The status and no pod template (~10 kB): ~3 kB of memory a Job. Conditions only as JobView reads
+    # them (the true ones, without their timestamps).
+    status = dict(body.get("status") or {})
+    status["conditions"] = [
+        {key: c.get(key, "") for key in ("type", "status", "reason", "message")}
+        for c in status.get("conditions") or []
+        if c.get("status") == "True"
+    ]
+    return {
+        (namespace, name): {
+            "metadata": {"name": name, "uid": body["metadata"].get("uid", "")},
+            "spec": {"suspend": (body.get("spec") or {}).get("suspend")},
+            "status": status,
+        }
+    }
+
+
+async def read_job(namespace: str, name: str) -> Obj | None:
+    """A child Job from the index in a reconcile pass (no request), else from the API server."""
+    index = JOB_INDEX.get()
+    if index is None:
+        return await kube().get(f"{collection_path('batch/v1', 'Job', namespace)}/{name}")
+    return next(iter(index.get((namespace, name), ())), None)
+
+
+# A finished plan Job's (message, unit count), by its uid: neither changes once it has finished, so
+# each plan's pods (and, where the kubelet keeps no message, its plan in the store) are read once per
+# operator life, not once per pass.
+_FINISHED_PLANS: dict[str, tuple[str, int | None]] = {}
+_FINISHED_PLANS_KEPT = 10_000  # plans remembered (~100 B each); the oldest is forgotten first
+
+
+async def finished_plan(work: builders.ShardedWork, namespace: str, plan: Obj) -> tuple[str, int | None]:
+    """A finished plan Job's pod message and, where it completed, the unit count it planned."""
+    uid = str(plan["metadata"].get("uid") or "")
+    if uid in _FINISHED_PLANS:
+        return _FINISHED_PLANS[uid]
+    message = await plan_pod_message(namespace, plan["metadata"]["name"])
+    view = reducers.JobView.of(plan)
+    complete = view is not None and view.complete
+    units = reducers.parse_unit_count(message) if complete else None
+    if complete and units is None:
+        # A kubelet that does not keep the termination message: the plan itself is in the store.
+        units = await asyncio.to_thread(store.planned_units, work.kind, work.output_uri)
+    if uid and (units is not None or not complete):
+        if len(_FINISHED_PLANS) >= _FINISHED_PLANS_KEPT:
+            del _FINISHED_PLANS[next(iter(_FINISHED_PLANS))]
+        _FINISHED_PLANS[uid] = (message, units)
+    return message, units
+
+
 async def plan_pod_message(namespace: str, job_name: str) -> str:
     """The termination message of a plan Job's last finished pod (the unit count, or why it failed)."""
     pods = await kube().list(
@@ -133,21 +197,13 @@ async def plan_pod_message(namespace: str, job_name: str) -> str:
 
 async def observe_sharded(work: builders.ShardedWork, namespace: str) -> reducers.ShardedView:
     """Sharded work's three Jobs, its plan's unit count and its workers' progress (O(workers) reads)."""
-    client = kube()
-    jobs_path = collection_path("batch/v1", "Job", namespace)
-    views = {
-        step: reducers.JobView.of(await client.get(f"{jobs_path}/{work.job_name(step)}"))
-        for step in builders.STEPS
-    }
+    jobs = {step: await read_job(namespace, work.job_name(step)) for step in builders.STEPS}
+    views = {step: reducers.JobView.of(job) for step, job in jobs.items()}
     plan_units: int | None = None
     plan_message = ""
     plan = views["plan"]
     if plan is not None and (plan.complete or plan.failed):
-        plan_message = await plan_pod_message(namespace, work.job_name("plan"))
-        plan_units = reducers.parse_unit_count(plan_message) if plan.complete else None
-        if plan.complete and plan_units is None:
-            # A kubelet that does not keep the termination message: the plan itself is in the store.
-            plan_units = await asyncio.to_thread(store.planned_units, work.kind, work.output_uri)
+        plan_message, plan_units = await finished_plan(work, namespace, jobs["plan"] or {})
     units = views["units"]
     progress = None
     if units is not None and not view_done(views):
@@ -295,7 +351,7 @@ async def observe_train(body: Obj) -> tuple[reducers.TrainObserved, str, builder
     latents_work = builders.latents_work(body, output_uri) if builders.precompute_latents(spec) else None
     latents = await observe_sharded(latents_work, namespace) if latents_work else None
     train_name = builders.child_name(name, "train")
-    job = await client.get(f"{collection_path('batch/v1', 'Job', namespace)}/{train_name}")
+    job = await read_job(namespace, train_name)
     pod_restarts = 0
     if job is not None:
         pods = await client.list(
@@ -368,11 +424,12 @@ def last_reconcile_age(**_: Any) -> float:
 
 def _register(plural: str) -> None:
     @kopf.timer(GROUP, VERSION, plural, id="reconcile", interval=SETTINGS.reconcile_seconds)
-    async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Logger, **_: Any) -> None:
+    async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Logger, **kwargs: Any) -> None:
+        JOB_INDEX.set(kwargs["child_jobs"])  # kopf passes each index by its handler's name
         try:
             await reconcile_once(body, patch, logger)
         except KubeError as error:
-            if error.status in (409, 429) or error.status >= 500:
+            if error.transient:
                 raise kopf.TemporaryError(f"API server: {error}", delay=5) from None
             # A request the API server refuses (400, 403, 422 ...) is refused again next time: say
             # so on the resource, once per pass, instead of retrying in a storm.

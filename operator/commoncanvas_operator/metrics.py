@@ -19,8 +19,9 @@ RESOURCES = Gauge(
 )
 API_REQUESTS = Counter(
     "commoncanvas_operator_api_requests",
-    "Requests the reconciler sent to the API server (kopf's own watches and peering aside), by verb",
-    ["verb"],
+    "Requests the reconciler sent to the API server (kopf's own watches, peering and indexes aside), by"
+    " verb and resource (jobs, pods, configmaps, ...)",
+    ["verb", "resource"],
 )
 SKIPPED = Counter(
     "commoncanvas_operator_finished_skips",

@@ -214,12 +214,18 @@ def test_under_a_queue_every_job_is_created_suspended_and_what_the_queue_sets_is
     assert done["status"]["units"]["succeeded"] == 3
 
 
-def operator_counter(operator: OperatorProcess, name: str) -> float:
+def operator_counter(operator: OperatorProcess, name: str, **labels: str) -> float:
+    """A counter of the operator's /metrics summed over its series, or over those with `labels`."""
     from tests.integration.test_operator import http_get
 
     code, text = http_get(f"http://127.0.0.1:{operator.metrics_port}/metrics")
     assert code == 200, text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}{{"))
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(f"{name}{{") and all(label in line for label in wanted)
+    )
 
 
 def test_a_finished_resource_costs_no_api_request(
@@ -244,6 +250,43 @@ def test_a_finished_resource_costs_no_api_request(
 
     code, text = http_get(f"http://127.0.0.1:{operator.liveness}/healthz")
     assert code == 200 and 0 <= json.loads(text)["lastReconcileAgeSeconds"] < 5, text
+
+
+def test_a_running_resource_reads_its_jobs_from_the_watch_not_a_get_per_pass(
+    cluster: LocalCluster,
+    namespace: str,
+    minio: MinioServer,
+    bucket: str,
+    chart_operator: tuple[OperatorProcess, dict[str, str]],
+) -> None:
+    operator, _ = chart_operator
+    requests = "commoncanvas_operator_api_requests_total"
+    seed_plans(minio, bucket, ("running", 2), ("unused", 1))
+    cluster.apply(scrape_job("running", bucket, **{RUN_DURATION_ANNOTATION: "12s"}), namespace)
+    wait_status(
+        cluster,
+        namespace,
+        "scrapejobs",
+        "running",
+        lambda s: (s.get("units") or {}).get("total") == 2,
+        "running planned",
+    )
+    time.sleep(1)  # the pass that read the finished plan's pods is over
+    job_reads = operator_counter(operator, requests, verb="GET", resource="jobs")
+    pod_reads = operator_counter(operator, requests, verb="GET", resource="pods")
+    reconciles = "commoncanvas_operator_reconciles_total"
+    passes = operator_counter(operator, reconciles, kind="ScrapeJob")
+    time.sleep(4)  # four reconcile intervals while the units run
+    status = cluster.api.get(f"{API}/namespaces/{namespace}/scrapejobs/running")["status"]
+    assert status["phase"] == "Running", status
+    assert operator_counter(operator, reconciles, kind="ScrapeJob") >= passes + 3
+    assert operator_counter(operator, requests, verb="GET", resource="jobs") == job_reads
+    # The finished plan's pods were listed once for its unit count, not once a pass.
+    assert operator_counter(operator, requests, verb="GET", resource="pods") == pod_reads
+    # The Jobs' progress still reaches the status: through the watch the index is fed by.
+    done = wait_status(cluster, namespace, "scrapejobs", "running", phase("Succeeded"), "Succeeded", 90)
+    assert done["status"]["units"]["succeeded"] == 2
+    assert operator_counter(operator, requests, verb="GET", resource="jobs") == job_reads
 
 
 def anchor_secret(cluster: LocalCluster, namespace: str, name: str) -> None:
