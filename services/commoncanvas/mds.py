@@ -12,10 +12,10 @@ bytes in column-name order.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
-import random
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,21 +108,56 @@ class MDSShardWriter:
             self.finish()
 
 
-def shards_dataset(split_root: str, shards: list[dict[str, Any]], local: Path, attempts: int = 5) -> Any:
-    """A `streaming.StreamingDataset` over some shards of a split (a unit's input): a sub-index in
-    `local`, the shards fetched from `split_root` (local or s3://) on first access.
+class UnitShards:
+    """Some shards of a split (a unit's input) read in order with mosaicml-streaming's own MDS shard
+    reader: `len()` and `[index]` over the samples, each shard fetched from `split_root` (local or s3://)
+    into `local` on first access, and read in place when the split is a local directory.
 
-    mosaicml-streaming claims a shared-memory prefix by probing for a free one; two processes starting
-    at the same moment can claim the same one and one gets FileExistsError.  A new try takes the next."""
-    from streaming import StreamingDataset
+    Not a `StreamingDataset`: each of those keeps its shared memory open for the life of the process
+    (streaming registers it with atexit) and probes every existing prefix when made, so a worker that
+    loops over units would hold ~6 more descriptors per unit plus 2 per prefix ever made: after 500
+    units, past a 1024-descriptor limit.  A unit reads its few shards once, in order, in one process;
+    it needs no shared cache, no shuffle and no partitioning."""
 
-    local.mkdir(parents=True, exist_ok=True)
-    (local / "index.json").write_text(json.dumps({"version": 2, "shards": shards}))
-    for attempt in range(attempts):
-        try:
-            return StreamingDataset(remote=split_root, local=str(local), shuffle=False, batch_size=1)
-        except FileExistsError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(random.uniform(0.05, 0.5))
-    raise AssertionError("unreachable")
+    def __init__(self, split_root: str, shards: list[dict[str, Any]], local: Path) -> None:
+        from streaming.base.format import reader_from_json
+
+        from commoncanvas.storage import open_storage
+
+        self._storage = open_storage(split_root)
+        self._local = local
+        self._readers: list[Any] = [reader_from_json(str(local), None, shard) for shard in shards]
+        for reader in self._readers:
+            name = reader.raw_data.basename
+            parts = name.split("/")
+            if reader.compression or name.startswith("/") or {"", ".", ".."} & set(parts):
+                problem = "compressed" if reader.compression else "not a path inside the split"
+                raise ValueError(
+                    f"{split_root}: shard {name!r} is {problem}; unit inputs are the stages' own"
+                    " uncompressed MDS shards: rerun the stage that wrote them"
+                )
+        # A local split is read in place: no copy of its shards.
+        in_place = self._storage.local_path("")
+        self._dirname = str(in_place) if in_place is not None else str(local)
+        self._starts = list(itertools.accumulate((len(reader) for reader in self._readers), initial=0))
+        self._ready: set[int] = set()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        shard = bisect.bisect_right(self._starts, index) - 1
+        reader = self._readers[shard]
+        if shard not in self._ready:
+            self._fetch(reader)
+            self._ready.add(shard)
+        return reader.get_item(index - self._starts[shard])
+
+    def _fetch(self, reader: Any) -> None:
+        reader.dirname = self._dirname
+        if self._dirname == str(self._local):
+            target = self._local / reader.raw_data.basename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._storage.download_file(reader.raw_data.basename, target)

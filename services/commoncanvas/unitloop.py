@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from commoncanvas import metrics, units
-from commoncanvas.mds import shards_dataset
+from commoncanvas.mds import UnitShards
 from commoncanvas.shardplan import ShardGroupUnit
 from commoncanvas.storage import Storage
 
@@ -160,7 +160,7 @@ def unit_work(stage: str, output: Storage, unit: ShardGroupUnit, attempt: int) -
     units.begin_attempt(output, [unit.split], unit.unit, attempt)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"commoncanvas-{stage}-{unit.unit:06d}-") as tmp:
-        dataset = shards_dataset(unit.split_root, unit.shards, Path(tmp) / "input")
+        dataset = UnitShards(unit.split_root, unit.shards, Path(tmp) / "input")
         staging = units.staging_dir(output, unit.split, unit.unit, attempt, Path(tmp) / "output")
         work = UnitWork(stage, output, unit, attempt, started, dataset, staging)
         yield work

@@ -214,9 +214,9 @@ def test_killed_caption_worker_then_rerun_gives_every_sample_exactly_once(
         [sys.executable, "-m", "commoncanvas.cli", "caption", "work", str(job_file)],
         env={**os.environ, "TMPDIR": str(scratch)},
     )
-    # The worker has started reading its input once streaming has fetched the shard.
+    # The worker has begun its unit once the unit's scratch directory exists.
     deadline = time.monotonic() + 240
-    while not list(scratch.glob("commoncanvas-caption-*/input/*.mds")) and time.monotonic() < deadline:
+    while not list(scratch.glob("commoncanvas-caption-*")) and time.monotonic() < deadline:
         assert process.poll() is None, "the worker exited before it could be killed"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)

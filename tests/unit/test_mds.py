@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 from streaming import MDSWriter, StreamingDataset
 
-from commoncanvas.mds import MDSShardWriter
+from commoncanvas.mds import MDSShardWriter, UnitShards
 from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 
 
@@ -62,3 +64,46 @@ def test_streaming_reads_every_sample_back(tmp_path: Path) -> None:
 def test_an_unsupported_encoding_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="pkl"):
         MDSShardWriter(Path("/nonexistent"), {"x": "pkl"})
+
+
+def written_split(root: Path, count: int) -> list[dict[str, object]]:
+    with MDSShardWriter(root, CATALOG_COLUMNS, size_limit=10_000) as writer:
+        for number in range(count):
+            writer.write(catalog_sample(number))
+    shards: list[dict[str, object]] = json.loads((root / "index.json").read_text())["shards"]
+    return shards
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_units_shards_read_every_sample_in_order_across_shards(tmp_path: Path) -> None:
+    shards = written_split(tmp_path / "split", 25)
+    assert len(shards) > 2
+    samples = UnitShards(str(tmp_path / "split"), shards[1:], tmp_path / "local")
+    first = sum(shard["samples"] for shard in shards[:1])  # type: ignore[misc]
+    assert [samples[i] for i in range(len(samples))] == [catalog_sample(n) for n in range(first, 25)]
+    with pytest.raises(IndexError):
+        samples[len(samples)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors through /proc")
+def test_a_worker_reading_unit_after_unit_holds_no_more_descriptors(tmp_path: Path) -> None:
+    """A StreamingDataset per unit would keep its shared memory for the process's life."""
+    shards = written_split(tmp_path / "split", 25)
+    UnitShards(str(tmp_path / "split"), shards, tmp_path / "local")[0]
+    before = open_descriptors()
+    for _ in range(200):
+        samples = UnitShards(str(tmp_path / "split"), shards, tmp_path / "local")
+        assert len([samples[i] for i in range(len(samples))]) == 25
+    assert open_descriptors() == before
+
+
+@pytest.mark.parametrize("basename", ["../other/shard.00000.mds", "/etc/passwd", "a//shard.mds"])
+def test_a_shard_path_leaving_the_split_is_refused_in_one_line(tmp_path: Path, basename: str) -> None:
+    shards = written_split(tmp_path / "split", 3)
+    shards[0]["raw_data"] = {**shards[0]["raw_data"], "basename": basename}  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match=r"is not a path inside the split; .* rerun the stage") as error:
+        UnitShards(str(tmp_path / "split"), shards, tmp_path / "local")
+    assert "\n" not in str(error.value)

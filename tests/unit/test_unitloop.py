@@ -9,7 +9,7 @@ import torch
 from streaming import MDSWriter, StreamingDataset
 
 from commoncanvas import shardplan, units
-from commoncanvas.mds import shards_dataset
+from commoncanvas.mds import UnitShards
 from commoncanvas.shardplan import ShardGroupUnit, ShardInput, Upstream
 from commoncanvas.storage import LocalStorage
 from commoncanvas.unitloop import ShardImages, collate, unit_work
@@ -55,9 +55,7 @@ def run(output: LocalStorage, unit: ShardGroupUnit, batch_size: int = 2) -> dict
 
 def test_an_undecodable_image_is_an_item_with_its_reason_and_no_pixels(tmp_path: Path) -> None:
     unit = a_unit(tmp_path, [b"abc", CORRUPT])
-    images = ShardImages(
-        shards_dataset(unit.split_root, unit.shards, tmp_path / "local"), fake_pixels, {"image"}
-    )
+    images = ShardImages(UnitShards(unit.split_root, unit.shards, tmp_path / "local"), fake_pixels, {"image"})
     good, bad = images[0], images[1]
     assert good["row"] == {"photo_id": 100, "license_code": "cc0"}, "the row, less the dropped columns"
     assert good["pixels"].tolist() == [3.0] and good["error"] == ""

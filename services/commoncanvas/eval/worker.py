@@ -206,11 +206,11 @@ class EvalStage:
             for key in unit.files[: unit.limit]:
                 yield storage.read_bytes(key), ""
             return
-        from commoncanvas.mds import shards_dataset
+        from commoncanvas.mds import UnitShards
 
         assert unit.shards is not None
         with tempfile.TemporaryDirectory(prefix=f"commoncanvas-eval-{unit.unit:06d}-") as tmp:
-            dataset = shards_dataset(unit.source, unit.shards, Path(tmp) / "input")
+            dataset = UnitShards(unit.source, unit.shards, Path(tmp) / "input")
             for index in range(min(len(dataset), unit.limit)):
                 row = dataset[index]
                 yield row["image"], str(row.get("license_code", ""))
