@@ -7,12 +7,10 @@ from typing import Literal, cast
 from pydantic import ConfigDict, Field, model_validator
 
 from commoncanvas.specs.common import (
-    DEFAULT_NODE_POOL,
     CommonStatus,
+    GpuWorkerPods,
     KubeModel,
     ObjectMeta,
-    PriorityClassName,
-    StageSuspend,
 )
 
 # "evaluation" (a ScrapeJob with licenses.evaluationSplit): captions and attribution only, no images.
@@ -81,7 +79,7 @@ class CaptionOutput(KubeModel):
     uri: str = Field(min_length=1, description="Output root: a local path or s3://bucket/prefix")
 
 
-class CaptionJobSpec(KubeModel):
+class CaptionJobSpec(GpuWorkerPods):
     input: CaptionInput
     output: CaptionOutput
     model: CaptionModel = Field(default_factory=lambda: CaptionModel())
@@ -96,11 +94,6 @@ class CaptionJobSpec(KubeModel):
         le=10_000_000,
         description="Images per work unit (whole input shards, at least this many): the unit of resume",
     )
-    parallelism: int = Field(1, ge=1, le=10_000, description="Worker pods (not units); changes in place")
-    suspend: StageSuspend = False
-    priority_class_name: PriorityClassName = None
-    gpus_per_pod: int = Field(1, ge=0, le=16, description="GPUs per worker pod: one captioner per GPU")
-    node_pool: str = Field(DEFAULT_NODE_POOL, description="Node pool from the chart's values to run on")
 
 
 class CaptionJobStatus(CommonStatus):

@@ -59,6 +59,16 @@ class ObjectMeta(KubeModel):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+class GpuWorkerPods(KubeModel):
+    """The worker-pod fields of a GPU stage (CaptionJob, EvalRun), declared once."""
+
+    parallelism: int = Field(1, ge=1, le=10_000, description="Worker pods (not units); changes in place")
+    suspend: StageSuspend = False
+    priority_class_name: PriorityClassName = None
+    gpus_per_pod: int = Field(1, ge=0, le=16, description="GPUs per worker pod: one model copy per GPU")
+    node_pool: str = Field(DEFAULT_NODE_POOL, description="Node pool from the chart's values to run on")
+
+
 class Phase(StrEnum):
     PENDING = "Pending"
     WAITING = "Waiting"

@@ -7,12 +7,10 @@ from typing import Literal, cast
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from commoncanvas.specs.common import (
-    DEFAULT_NODE_POOL,
     CommonStatus,
+    GpuWorkerPods,
     KubeModel,
     ObjectMeta,
-    PriorityClassName,
-    StageSuspend,
 )
 
 MetricName = Literal["fid", "kid", "clipFid", "clipScore"]
@@ -112,7 +110,7 @@ class EvalOutput(KubeModel):
     uri: str = Field(min_length=1, description="Generated images, features and results: local path or s3://")
 
 
-class EvalRunSpec(KubeModel):
+class EvalRunSpec(GpuWorkerPods):
     model: EvalModel
     prompts: EvalPrompts
     references: EvalReferences
@@ -146,11 +144,6 @@ class EvalRunSpec(KubeModel):
         le=1_000_000,
         description="Prompts (or reference images) per work unit: the unit of resume",
     )
-    parallelism: int = Field(1, ge=1, le=10_000, description="Worker pods (not units); changes in place")
-    suspend: StageSuspend = False
-    priority_class_name: PriorityClassName = None
-    gpus_per_pod: int = Field(1, ge=0, le=16, description="GPUs per worker pod: one pipeline per GPU")
-    node_pool: str = Field(DEFAULT_NODE_POOL, description="Node pool from the chart's values to run on")
 
     @field_validator("guidance_scales")
     @classmethod
