@@ -550,6 +550,7 @@ def build_train_job(body: Obj, settings: Settings, upstream_uri: str | None = No
     }
     pod_spec: Obj = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": run.spec.checkpoint.termination_grace_period_seconds,
         "subdomain": child_name(name, "rdzv"),
         "containers": [container],
         "volumes": [

@@ -111,6 +111,14 @@ def test_train_pods_get_gpus_the_pool_env_and_the_job_file() -> None:
     assert pod["volumes"][0]["configMap"]["name"] == "sd-job"
 
 
+def test_train_pods_have_the_checkpoints_grace_period_to_save_after_sigterm() -> None:
+    """Kueue preemption and suspend delete the pods: the default 30 s would kill a checkpoint mid-write."""
+    assert train_job()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300
+    body = train_run()
+    body["spec"]["checkpoint"]["terminationGracePeriodSeconds"] = 900
+    assert train_job(body)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
+
+
 def test_train_pods_are_hardened_keep_their_shared_memory_and_write_under_tmp() -> None:
     pod = train_job()["spec"]["template"]["spec"]
     [container] = pod["containers"]

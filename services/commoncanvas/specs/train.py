@@ -208,6 +208,14 @@ class CheckpointSpec(KubeModel):
     uri: str = Field(min_length=1, description="Checkpoints (local or s3://); a start with one here resumes")
     interval_steps: int = Field(1000, ge=1)
     keep: int = Field(3, ge=1, description="Checkpoints kept (the newest N)")
+    # SD2's UNet with EMA and AdamW state is ~14 GB: ~140 s for one rank at 100 MB/s to the store.
+    termination_grace_period_seconds: int = Field(
+        300,
+        ge=30,
+        le=3600,
+        description="Seconds a train pod has after SIGTERM (Kueue preemption, suspend, eviction) to end "
+        "its step and write the checkpoint before it is killed; the pods' terminationGracePeriodSeconds",
+    )
 
 
 class SampleSpec(KubeModel):
