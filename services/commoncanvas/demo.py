@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from commoncanvas.mds import read_split
 from commoncanvas.runner import run_file
 from commoncanvas.sample import build_sample, url_templates
 from commoncanvas.sample.server import LocalHTTPServer
@@ -131,13 +132,6 @@ def eval_run(
             "gpusPerPod": 0,
         },
     }
-
-
-def read_split(uri: str) -> list[dict[str, object]]:
-    from streaming import StreamingDataset
-
-    dataset = StreamingDataset(local=uri, shuffle=False, batch_size=1)
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def main(out: Path = Path("demo-output")) -> None:

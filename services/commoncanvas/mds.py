@@ -16,6 +16,7 @@ import bisect
 import itertools
 import json
 import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,15 @@ class UnitShards:
             target = self._local / reader.raw_data.basename
             target.parent.mkdir(parents=True, exist_ok=True)
             self._storage.download_file(reader.raw_data.basename, target)
+
+
+def read_split(uri: str | Path, cache: Path | None = None) -> list[dict[str, Any]]:
+    """Every sample of an MDS split (a directory or s3:// prefix with its index.json), in index order:
+    what `StreamingDataset(remote=uri)` reads, without its shared memory.  Remote shards are fetched
+    into `cache` (a temporary directory when None)."""
+    from commoncanvas.storage import open_storage
+
+    shards = json.loads(open_storage(str(uri)).read_text("index.json"))["shards"]
+    with tempfile.TemporaryDirectory(prefix="commoncanvas-split-") as tmp:
+        samples = UnitShards(str(uri), shards, cache or Path(tmp))
+        return [samples[index] for index in range(len(samples))]

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 
 from commoncanvas import units, workqueue
 from commoncanvas.caption import worker
 from commoncanvas.caption.unitplan import InputMissing
+from commoncanvas.mds import read_split
 from commoncanvas.runner import LocalRun, run_file
 from commoncanvas.sample import Sample, synthetic_jpeg, url_templates
 from commoncanvas.sample.server import LocalHTTPServer
@@ -50,12 +51,6 @@ def caption_job(source: str, output: str, model: Path, **spec: Any) -> CaptionJo
         **spec,
     }
     return CaptionJob.model_validate({"metadata": {"name": "test-caption"}, "spec": body})
-
-
-def read_split(uri: str, cache: Path) -> list[dict[str, Any]]:
-    remote, local = (uri, str(cache)) if uri.startswith("s3://") else (None, uri)
-    dataset = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def scrape_to(sample: Sample, server: LocalHTTPServer, output: str) -> dict[str, Any]:

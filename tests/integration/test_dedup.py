@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.test_caption import caption_job, read_split, scrape_to
+from tests.integration.test_caption import caption_job, scrape_to
 
+from commoncanvas.mds import read_split
 from commoncanvas.runner import LocalRun
 from commoncanvas.sample import Sample, SampleRow, served_files
 from commoncanvas.sample.server import LocalHTTPServer

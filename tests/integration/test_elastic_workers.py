@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 import yaml
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 from tests.cluster.harness import LOCAL_POOL, REPO_ROOT, LocalCluster
 from tests.cluster.minio import MinioServer
 from tests.cluster.operator import OperatorProcess, installed_operator
 from tests.cluster.processes import free_port
 
 from commoncanvas import storage, workqueue
+from commoncanvas.mds import read_split
 from commoncanvas.sample import synthetic_jpeg
 from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 
@@ -150,10 +151,9 @@ def test_workers_scaled_in_place_2_4_1_caption_every_unit_once_and_load_the_mode
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert status["units"]["succeeded"] == status["units"]["total"] == IMAGES // 2
     assert status["captions"]["commercial"] + sum(status["excluded"].values()) == IMAGES
-    dataset = StreamingDataset(
-        remote=f"s3://{bucket}/captions/commercial", local=str(tmp_path / "read"), batch_size=1
-    )
-    ids = [int(dataset[i]["photo_id"]) for i in range(len(dataset))]
+    ids = [
+        int(row["photo_id"]) for row in read_split(f"s3://{bucket}/captions/commercial", tmp_path / "read")
+    ]
     assert len(ids) == len(set(ids)) == status["captions"]["commercial"], "a sample was captioned twice"
     assert set(ids) <= set(range(100, 100 + IMAGES))
     docs = workqueue.read_progress(output)

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 
 from commoncanvas.caption.worker import CAPTION_COLUMNS
 from commoncanvas.licenses import BY_CODE, EVALUATION_LICENSES
+from commoncanvas.mds import read_split
 from commoncanvas.runner import LocalRun
 from commoncanvas.sample import Sample, synthetic_jpeg
 from commoncanvas.sample.server import LocalHTTPServer
@@ -65,11 +66,6 @@ def train_run(uri: str, split: str = "commercial", out: str = "/nonexistent/out"
             },
         }
     )
-
-
-def read_split(root: Path) -> list[dict[str, Any]]:
-    dataset = StreamingDataset(local=str(root), shuffle=False, batch_size=1)
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def test_nd_photos_become_an_attributed_evaluation_set_that_training_refuses(

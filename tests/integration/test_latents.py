@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 
 from commoncanvas import units
 from commoncanvas.caption.unitplan import InputMissing
 from commoncanvas.caption.worker import CAPTION_COLUMNS
+from commoncanvas.mds import read_split
 from commoncanvas.sample import synthetic_jpeg
 from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 from commoncanvas.specs import TrainRun
@@ -89,11 +90,6 @@ def train_run(captions: Path, output: Path, **spec: Any) -> TrainRun:
         **spec,
     }
     return TrainRun.model_validate({"metadata": {"name": "tiny-latents"}, "spec": body})
-
-
-def read_split(uri: Path) -> list[dict[str, Any]]:
-    dataset = StreamingDataset(local=str(uri), shuffle=False, batch_size=1)
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def test_precomputed_latents_match_on_the_fly_encoding_and_keep_attribution(tmp_path: Path) -> None:

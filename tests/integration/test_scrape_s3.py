@@ -11,6 +11,7 @@ import pytest
 
 from commoncanvas import storage, workqueue
 from commoncanvas.licenses import BY_CODE
+from commoncanvas.mds import read_split
 from commoncanvas.runner import UnitsFailed, run_scrape
 from commoncanvas.sample import Sample, build_sample, url_templates
 from commoncanvas.sample.server import LocalHTTPServer
@@ -39,13 +40,6 @@ def make_job(sample: Sample, server: LocalHTTPServer, output: str, **fetch: Any)
             },
         }
     )
-
-
-def read_split(uri: str, cache: Path) -> list[dict[str, Any]]:
-    from streaming import StreamingDataset
-
-    dataset = StreamingDataset(remote=uri, local=str(cache), shuffle=False, batch_size=1)
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def expected_ids(sample: Sample, split: str) -> set[int]:

@@ -17,10 +17,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 
 from commoncanvas.caption.worker import CAPTION_COLUMNS
 from commoncanvas.licenses import BY_CODE
+from commoncanvas.mds import read_split
 from commoncanvas.sample import synthetic_jpeg
 from commoncanvas.scrape.worker import CATALOG_COLUMNS, blank_catalog_row
 from commoncanvas.specs import TrainRun
@@ -87,11 +88,6 @@ def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_split(root, "commercial", [COMMERCIAL[i % 3] for i in range(EPOCH_SAMPLES)], 1000)
     write_split(root, "noncommercial", [NONCOMMERCIAL[i % 2] for i in range(8)], 2000)
     return root
-
-
-def read_split(path: Path) -> list[dict[str, Any]]:
-    dataset = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def train_run(name: str, data_uri: str, output_uri: str, checkpoint_uri: str, **spec: Any) -> TrainRun:

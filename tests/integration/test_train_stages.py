@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from streaming import StreamingDataset
 from tests.integration.test_train import COMMERCIAL, EPOCH_SAMPLES, train_run, write_split
 
+from commoncanvas.mds import read_split
 from commoncanvas.specs import TrainRun
 from commoncanvas.train import latents, loop
 from commoncanvas.train.parts import load_encoders
@@ -172,16 +172,10 @@ def test_precomputed_latents_hold_one_set_per_stage_and_each_stage_trains_on_its
         checkpoint={"intervalSteps": 6},
     )
     latents.run_latents(run.spec, "test", processes=1, show_progress=False)
-    dataset = StreamingDataset(
-        local=str(tmp_path / "out" / "latents" / "commercial"), shuffle=False, batch_size=1
-    )
-    row = dataset[0]
+    row = read_split(tmp_path / "out" / "latents" / "commercial")[0]
     assert row["latents_64"].shape == (4, 8, 8) and row["latents"].shape == (4, 12, 12)
     # Each set is the one encoding training's on-the-fly path does at that resolution.
-    source = StreamingDataset(local=str(captions / "commercial"), shuffle=False, batch_size=1)
-    image = next(
-        s["image"] for s in (source[i] for i in range(len(source))) if s["photo_id"] == row["photo_id"]
-    )
+    image = next(s["image"] for s in read_split(captions / "commercial") if s["photo_id"] == row["photo_id"])
     vae = load_encoders(run.spec).vae
     for column, side in (("latents_64", 64), ("latents", 96)):
         expected = latents.encode_images(vae, latents.load_pixels(image, side)[None])[0].numpy()

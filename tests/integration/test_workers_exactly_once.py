@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from commoncanvas import storage, units, workqueue
+from commoncanvas.mds import read_split
 from commoncanvas.runner import run_scrape
 from commoncanvas.sample import Sample, url_templates
 from commoncanvas.sample.server import LocalHTTPServer
@@ -66,14 +67,14 @@ def job_file(job: ScrapeJob, path: Path) -> Path:
 
 def catalog(output: str, cache: Path) -> list[tuple[int, str]]:
     """Every (photo_id, sha256) of both splits, duplicates kept."""
-    from streaming import StreamingDataset
-
     found: list[tuple[int, str]] = []
     for split in ("commercial", "noncommercial"):
         if not storage.open_storage(output).exists(f"{split}/index.json"):
             continue
-        dataset = StreamingDataset(remote=f"{output}/{split}", local=str(cache / split), batch_size=1)
-        found += [(int(dataset[i]["photo_id"]), str(dataset[i]["sha256"])) for i in range(len(dataset))]
+        found += [
+            (int(row["photo_id"]), str(row["sha256"]))
+            for row in read_split(f"{output}/{split}", cache / split)
+        ]
     return sorted(found)
 
 

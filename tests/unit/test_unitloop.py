@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from streaming import MDSWriter, StreamingDataset
+from streaming import MDSWriter
 
 from commoncanvas import shardplan, units
-from commoncanvas.mds import UnitShards
+from commoncanvas.mds import UnitShards, read_split
 from commoncanvas.shardplan import ShardGroupUnit, ShardInput, Upstream
 from commoncanvas.storage import LocalStorage
 from commoncanvas.unitloop import ShardImages, collate, unit_work
@@ -74,9 +74,7 @@ def test_every_sample_gets_one_outcome_and_the_marker_adds_them_up(tmp_path: Pat
     assert stats["licenses"] == {"cc0": 2, "cc1": 1}, "licenses of the written samples only"
     assert [f["photo_id"] for f in stats["failures"]] == [101, 104]
     assert stats["extra"] == "kept", "the stage's own stats go into the marker"
-    written = StreamingDataset(
-        local=str(tmp_path / "out" / units.attempt_dir("commercial", 0, 0)), batch_size=1
-    )
+    written = read_split(tmp_path / "out" / units.attempt_dir("commercial", 0, 0))
     assert [(s["photo_id"], s["value"]) for s in written] == [(100, 1.0), (102, 3.0), (103, 4.0)]
 
 
