@@ -15,7 +15,7 @@ from commoncanvas.specs.common import (
 
 MetricName = Literal["fid", "kid", "clipFid", "clipScore"]
 ALL_METRICS: tuple[MetricName, ...] = ("fid", "kid", "clipFid", "clipScore")
-# Where a TrainRun's output holds its exported diffusers pipeline (train.loop.export_pipeline writes it;
+# Where a TrainRun's output holds its exported diffusers pipeline (train.export.export_pipeline writes it;
 # the local end-to-end test evaluates one through this path).
 TRAIN_PIPELINE_DIR = "pipeline"
 # 30k prompts x 4 guidance scales / 256 = ~470 units of a few minutes each on one GPU (README, EvalRun).
